@@ -1,0 +1,5 @@
+"""`resmemnet serve` (filled in by the service work)."""
+
+
+def register(sub):
+    pass

@@ -1,0 +1,192 @@
+"""ResMem-Net (PeerJ Comput. Sci. 2021): a ResNet trunk whose every bottleneck output is pooled,
+projected to 128 channels and read in order by an LSTM; the last hidden state gives the score.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from .backbones import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ResMemNetConfig:
+    backbone: str = "resnet50"
+    proj_dim: int = 128  # the paper's 1x1 projection width
+    hidden_size: int = 128  # LSTM hidden state
+    dropout: float = 0.2
+    head: str = "lstm"  # "lstm" (paper) | "linear" (ablation: concatenated projections -> linear)
+    taps: str = "all"  # "all" bottleneck outputs (paper) | "last" block only (ablation)
+    input_scaling: str = "imagenet"  # "imagenet" mean/std | "unit" [0,1]: what the trunk expects
+
+    def __post_init__(self):
+        if self.backbone not in BLOCKS_PER_STAGE:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose from {sorted(BLOCKS_PER_STAGE)}")
+        if self.head not in ("lstm", "linear"):
+            raise ValueError(f"unknown head {self.head!r}")
+        if self.taps not in ("all", "last"):
+            raise ValueError(f"unknown taps {self.taps!r}")
+        if self.input_scaling not in ("imagenet", "unit"):
+            raise ValueError(f"unknown input scaling {self.input_scaling!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ResMemNetConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def tap_channels(self) -> list[int]:
+        """Channels of every bottleneck output, shallow to deep."""
+        chans = [c for n, c in zip(BLOCKS_PER_STAGE[self.backbone], STAGE_CHANNELS) for _ in range(n)]
+        return chans if self.taps == "all" else chans[-1:]
+
+
+class TapHead(nn.Module):
+    """Pooled tap vectors -> score. BatchNorm evens out the very different scales of the taps,
+    the per-tap linear map is the paper's 1x1 convolution on a 1x1 map."""
+
+    def __init__(self, cfg: ResMemNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        chans = cfg.tap_channels
+        self.norms = nn.ModuleList(nn.BatchNorm1d(c) for c in chans)
+        self.projections = nn.ModuleList(nn.Linear(c, cfg.proj_dim) for c in chans)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.head == "lstm":
+            self.lstm = nn.LSTM(cfg.proj_dim, cfg.hidden_size, batch_first=True)
+            # He-initialised initial states, learned and fixed at inference (the paper draws them at random).
+            self.h0 = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))
+            self.c0 = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))
+            nn.init.kaiming_normal_(self.h0.view(1, -1).T)
+            nn.init.kaiming_normal_(self.c0.view(1, -1).T)
+            # Scale He init down: the LSTM's tanh saturates with unit-variance states.
+            with torch.no_grad():
+                self.h0.mul_(0.1)
+                self.c0.mul_(0.1)
+            out_dim = cfg.hidden_size
+        else:
+            out_dim = cfg.proj_dim * len(chans)
+        self.out = nn.Linear(out_dim, 1)
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """pooled: one (B, C_i) tensor per tap -> (B,) scores in [0, 1]."""
+        if len(pooled) != len(self.projections):
+            raise ValueError(f"expected {len(self.projections)} taps, got {len(pooled)}")
+        seq = [self.dropout(proj(norm(p))) for p, norm, proj in zip(pooled, self.norms, self.projections)]
+        if self.cfg.head == "lstm":
+            x = torch.stack(seq, dim=1)  # (B, T, D)
+            batch = x.shape[0]
+            h0 = self.h0.expand(1, batch, -1).contiguous()
+            c0 = self.c0.expand(1, batch, -1).contiguous()
+            _, (h_last, _) = self.lstm(x, (h0, c0))
+            feat = h_last[-1]
+        else:
+            feat = torch.cat(seq, dim=1)
+        return torch.sigmoid(self.out(self.dropout(feat)).squeeze(-1))
+
+    def split_flat(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """(B, sum C_i) cached features -> per-tap list."""
+        return list(torch.split(flat, self.cfg.tap_channels, dim=1))
+
+
+class ResMemNet(nn.Module):
+    """Scores images (B, 3, H, W) in [0, 1] (any H, W >= 32) with memorability in [0, 1]."""
+
+    def __init__(self, cfg: ResMemNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = build_resnet(cfg.backbone)
+        self.head = TapHead(cfg)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.input_scaling == "imagenet" else ((0, 0, 0), (1, 1, 1))
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.trunk_frozen = False
+        # timm-style record of what each tap carries.
+        self.feature_info = [
+            {"num_chs": c, "module": name, "reduction": 4 * 2 ** stage}
+            for stage, name, c in self._tap_names()
+        ]
+
+    def _tap_names(self):
+        out = []
+        for stage, (n_blocks, chans) in enumerate(zip(BLOCKS_PER_STAGE[self.cfg.backbone], STAGE_CHANNELS)):
+            for i in range(n_blocks):
+                out.append((stage, f"trunk.layer{stage + 1}.{i}", chans))
+        return out if self.cfg.taps == "all" else out[-1:]
+
+    # -- freezing -------------------------------------------------------------------------
+    def set_trunk_frozen(self, frozen: bool = True) -> "ResMemNet":
+        """Freeze (or unfreeze) the trunk's weights and BatchNorm statistics. Idempotent."""
+        self.trunk_frozen = bool(frozen)
+        for p in self.trunk.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)  # re-apply the BatchNorm mode
+        return self
+
+    def train(self, mode: bool = True) -> "ResMemNet":
+        super().train(mode)
+        if self.trunk_frozen:
+            self.trunk.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+    # -- forward --------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.input_mean.to(images.dtype)) / self.input_std.to(images.dtype)
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        return t.maxpool(t.relu(t.bn1(t.conv1(self.normalize(images)))))
+
+    def blocks(self):
+        t = self.trunk
+        for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
+            yield from layer
+
+    def forward_features(self, images: torch.Tensor, *, keep_maps: bool = False):
+        """Pooled tap vectors [(B, C_i)], and the last block's feature map when keep_maps."""
+        x = self.stem(images)
+        pooled = []
+        for block in self.blocks():
+            x = block(x)
+            if self.cfg.taps == "all":
+                pooled.append(x.mean(dim=(2, 3)))
+        if self.cfg.taps == "last":
+            pooled.append(x.mean(dim=(2, 3)))
+        return (pooled, x) if keep_maps else pooled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+
+BACKBONES = tuple(BLOCKS_PER_STAGE)
+
+
+def build_resmemnet(*, backbone: str = "resnet50", trunk_source=None, allow_download: bool = True,
+                    **overrides) -> ResMemNet:
+    """Build ResMem-Net; `trunk_source` (a TrunkSource) initialises the trunk and sets its input scaling."""
+    from .backbones import load_source_into
+
+    if trunk_source is not None:
+        if trunk_source.depth != backbone:
+            backbone = trunk_source.depth
+        overrides.setdefault("input_scaling", trunk_source.input_scaling)
+    cfg = ResMemNetConfig(backbone=backbone, **overrides)
+    model = ResMemNet(cfg)
+    if trunk_source is not None:
+        load_source_into(model.trunk, trunk_source, allow_download=allow_download)
+    model.eval()
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def with_config(cfg: ResMemNetConfig, **changes) -> ResMemNetConfig:
+    return replace(cfg, **changes)

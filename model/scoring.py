@@ -1,0 +1,156 @@
+"""Batch scoring: decoded images -> memorability scores, batched by input shape.
+
+Images are grouped by the tensor shape the resize policy gives them, so a batch never needs
+padding and an image's score does not depend on what it is batched with. Used by the CLI
+scorer, the benchmark and the service's batch worker.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .checkpoint import DEFAULT_WEIGHTS, CheckpointMeta, load_checkpoint
+from .network import ResMemNet
+from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class ScoreResult:
+    path: str
+    score: float | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Scorer:
+    """A loaded model plus its preprocessing, on one device."""
+
+    def __init__(self, model: ResMemNet, preprocessing: Preprocessing, *, device="auto",
+                 meta: CheckpointMeta | None = None, mixed_precision: bool = True, max_batch: int = 32):
+        self.device = resolve_device(device)
+        self.preprocessing = preprocessing
+        self.meta = meta
+        self.max_batch = max(1, int(max_batch))
+        # fp16 autocast on CUDA for the trunk; the head always runs in fp32.
+        self.mixed_precision = mixed_precision and self.device.type == "cuda"
+        model = model.eval().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, **kwargs) -> "Scorer":
+        model, meta = load_checkpoint(path)
+        return cls(model, meta.preprocessing, meta=meta, **kwargs)
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.meta.name}@{self.meta.version}" if self.meta else "resmemnet"
+
+    def _autocast(self):
+        if self.mixed_precision:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def score_tensor_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0,1], all one shape -> (B,) float32 scores on the CPU."""
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            pooled = self.model.forward_features(x)
+        pooled = [p.float() for p in pooled]
+        return self.model.head(pooled).float().cpu()
+
+    def score_tensors(self, tensors: Sequence[torch.Tensor], *, max_batch: int | None = None) -> list[float]:
+        """Score (3, H, W) tensors of any mix of shapes; order is preserved."""
+        max_batch = max(1, int(max_batch or self.max_batch))
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            groups[tuple(t.shape)].append(i)
+        scores = [0.0] * len(tensors)
+        for idxs in groups.values():
+            for start in range(0, len(idxs), max_batch):
+                chunk = idxs[start:start + max_batch]
+                out = self.score_tensor_batch(torch.stack([tensors[i] for i in chunk]))
+                for i, s in zip(chunk, out.tolist()):
+                    scores[i] = float(s)
+        return scores
+
+    def prepare(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        """Decode + preprocess one input -> (tensor, width, height); raises ImageDecodeError."""
+        img = decode_image(source, max_pixels=max_pixels)
+        return self.preprocessing.image_to_tensor(img), img.width, img.height
+
+    def score_paths(self, paths: Sequence[str], *, batch_size: int = 16, workers: int = 2,
+                    progress=None) -> Iterator[ScoreResult]:
+        """Score files in order, decoding in threads ahead of the model. Bad files become error rows."""
+        batch_size = max(1, int(batch_size))
+
+        def load(path):
+            try:
+                tensor, w, h = self.prepare(path)
+                return path, tensor, w, h, None
+            except ImageDecodeError as exc:
+                return path, None, None, None, exc
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            window = batch_size * 4  # decode ahead, keep memory bounded
+            for start in range(0, len(paths), window):
+                loaded = list(pool.map(load, paths[start:start + window]))
+                good = [item for item in loaded if item[1] is not None]
+                scores = self.score_tensors([item[1] for item in good], max_batch=batch_size)
+                by_path = {id(item): s for item, s in zip(good, scores)}
+                for item in loaded:
+                    path, tensor, w, h, exc = item
+                    if exc is not None:
+                        yield ScoreResult(path=str(path), error=exc.message, reason=exc.reason)
+                    else:
+                        yield ScoreResult(path=str(path), score=by_path[id(item)], width=w, height=h)
+                    if progress is not None:
+                        progress(1)
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """Expand folders (recursively, sorted; hidden files skipped) -> (files, problems).
+
+    Files named explicitly are always kept, even if they are not images: the scorer reports them.
+    A path that does not exist is returned as a problem so the caller can report it as a row.
+    """
+    files: list[str] = []
+    problems: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if not name.startswith("."):
+                        files.append(str(Path(root) / name))
+        elif p.exists():
+            files.append(str(p))
+        else:
+            problems.append(str(p))
+    return files, problems

@@ -1,0 +1,1 @@
+"""Offline training and evaluation of ResMem-Net (datasets, feature cache, recipe, metrics)."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small random-trunk checkpoint and image files of many kinds."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def make_image(path: Path | None = None, size=(120, 90), mode="RGB", fmt="JPEG", seed=0, **save_kwargs) -> bytes:
+    """A random-texture image; written to `path` when given, bytes returned either way."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_kwargs)
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A ResNet-50 ResMem-Net with a random trunk, embedded, at a small input size (fast on CPU)."""
+    from model.backbones import TrunkSource
+    from model.checkpoint import CheckpointMeta, save_checkpoint
+    from model.network import build_resmemnet
+    from model.preprocess import Preprocessing, ResizePolicy
+
+    torch.manual_seed(0)
+    model = build_resmemnet(backbone="resnet50")
+    preprocessing = Preprocessing(resize=ResizePolicy(size=64, multiple=32), input_scaling="imagenet")
+    meta = CheckpointMeta(
+        name="test-random", architecture=model.cfg, preprocessing=preprocessing,
+        trunk=TrunkSource(kind="none", depth="resnet50"), trunk_embedded=True,
+        description="random weights for tests", license="test only",
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "test-random.json"
+    return save_checkpoint(model, meta, path, embed_trunk=True)
