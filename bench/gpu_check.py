@@ -1,0 +1,144 @@
+"""The prepared CUDA check (one script, a few minutes on one GPU).
+
+1. CUDA scores (fp16 autocast trunk, fp32 head) equal CPU fp32 scores within 1e-3, for images of
+   mixed shapes batched by the scorer.
+2. Model-only images/s at batch 64 for 224x224 and 512x512 (and batch 256 at 224), per depth.
+
+The GPU machine has no copy of ../shared/data or of the trunk packages, so the trunk is random;
+its BatchNorm statistics are first fitted to natural-looking images so activations have the
+scale of a trained network (otherwise fp16 comparisons would be meaningless).
+
+    python bench/gpu_check.py --out gpu_check.json [--weights weights/resmemnet-default.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from model.network import build_resmemnet  # noqa: E402
+from model.preprocess import Preprocessing, ResizePolicy  # noqa: E402
+from model.scoring import Scorer  # noqa: E402
+
+
+def smooth_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Low-frequency random images in [0,1]: closer to photo statistics than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, max(h // 16, 2), max(w // 16, 2), generator=g)
+    big = torch.nn.functional.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
+    return (big + 0.05 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1)
+
+
+@torch.no_grad()
+def fit_batchnorm(model: torch.nn.Module, batches: int = 4) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for i in range(batches):
+        model(smooth_images(16, 224, 224, seed=100 + i))
+    model.eval()
+
+
+@torch.no_grad()
+def spread_scores(model, target_std: float = 1.5) -> None:
+    """Rescale the random head's output layer so scores spread over ~0.1..0.9 like a trained
+    model's; a random head's near-constant 0.5 would make the 1e-3 comparison too lenient."""
+    pooled = model.forward_features(smooth_images(32, 224, 224, seed=200))
+    head = model.head
+    feats = []
+    head.out.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    head(pooled)
+    head.out._forward_hooks.clear()
+    logits = head.out(feats[0]).squeeze(-1)
+    scale = target_std / float(logits.std().clamp_min(1e-6))
+    head.out.weight.mul_(scale)
+    head.out.bias.copy_(head.out.bias * scale - float(logits.mean()) * scale)
+
+
+def agreement(backbone: str, weights: str | None) -> dict:
+    if weights:
+        cpu = Scorer.from_checkpoint(weights, device="cpu")
+        gpu = Scorer.from_checkpoint(weights, device="cuda")
+    else:
+        torch.manual_seed(0)
+        model = build_resmemnet(backbone=backbone)
+        fit_batchnorm(model)
+        spread_scores(model)
+        pre = Preprocessing(resize=ResizePolicy(size=224))
+        cpu = Scorer(model, pre, device="cpu")
+        gpu_model = build_resmemnet(backbone=backbone)
+        gpu_model.load_state_dict(model.state_dict())
+        gpu = Scorer(gpu_model, pre, device="cuda")
+    shapes = [(224, 224), (224, 288), (288, 224), (224, 448), (224, 224), (224, 320)] * 6
+    tensors = [smooth_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(shapes)]
+    a = torch.tensor(cpu.score_tensors(tensors))
+    b = torch.tensor(gpu.score_tensors(tensors))
+    single = torch.tensor([gpu.score_tensors([t])[0] for t in tensors[:8]])
+    return {
+        "backbone": backbone, "images": len(tensors), "mixed_precision": gpu.mixed_precision,
+        "max_abs_diff_cpu_vs_cuda": float((a - b).abs().max()),
+        "max_abs_diff_cuda_batched_vs_single": float((b[:8] - single).abs().max()),
+        "score_range": [float(a.min()), float(a.max())],
+        "pass_1e-3": bool((a - b).abs().max() < 1e-3),
+    }
+
+
+@torch.no_grad()
+def throughput(backbone: str, size: int, batch: int, seconds: float = 4.0) -> dict:
+    model = build_resmemnet(backbone=backbone).cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16):
+            pooled = model.forward_features(x)
+        return model.head([p.float() for p in pooled])
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        n += 1
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"backbone": backbone, "size": size, "batch": batch, "images_per_s": round(n * batch / elapsed, 1),
+            "ms_per_batch": round(1000 * elapsed / n, 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--weights", help="a checkpoint whose trunk is available on this machine")
+    ap.add_argument("--backbones", default="resnet50,resnet152")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "agreement": [], "throughput": []}
+    backbones = args.backbones.split(",")
+    for b in backbones:
+        report["agreement"].append(agreement(b, args.weights))
+        print(json.dumps(report["agreement"][-1]), flush=True)
+    for b in backbones:
+        for size, batch in ((224, 64), (512, 64), (224, 256)):
+            report["throughput"].append(throughput(b, size, batch))
+            print(json.dumps(report["throughput"][-1]), flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    ok = all(r["pass_1e-3"] for r in report["agreement"])
+    print("GPU check:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
