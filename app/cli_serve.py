@@ -1,5 +1,77 @@
-"""`resmemnet serve` (filled in by the service work)."""
+"""`resmemnet serve`: run the scoring service under uvicorn (the command the container runs).
+
+Settings come from `RESMEMNET_*` environment variables; the flags below override them.
+"""
+from __future__ import annotations
+
+import logging
+import sys
 
 
-def register(sub):
-    pass
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run the HTTP scoring service",
+        description="Serve POST /score, /score/batch, /heatmap, GET /healthz, /readyz, /metrics. Every setting "
+                    "can also be given as a RESMEMNET_* environment variable (see the README); flags win.")
+    p.add_argument("--host", help="address to bind (env RESMEMNET_HOST, default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="TCP port (env RESMEMNET_PORT, default 8000)")
+    p.add_argument("--weights", metavar="FILE", help="checkpoint .json (env RESMEMNET_WEIGHTS, default: the shipped one)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="env RESMEMNET_DEVICE, default auto")
+    p.add_argument("--max-batch-size", type=int, metavar="N", help="1 turns batching off (env RESMEMNET_MAX_BATCH_SIZE)")
+    p.add_argument("--max-wait-ms", type=float, metavar="MS", help="batch gathering window (env RESMEMNET_MAX_WAIT_MS)")
+    p.add_argument("--queue-size", type=int, metavar="N", help="queued images before 503 (env RESMEMNET_QUEUE_SIZE)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
+                   help="env RESMEMNET_LOG_LEVEL, default info")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from app.settings import ServiceSettings, SettingsError
+
+    try:
+        settings = ServiceSettings.from_env(
+            host=args.host, port=args.port, weights=args.weights, device=args.device,
+            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+            log_level=args.log_level)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    problem = check_startup(settings)
+    if problem:
+        return _fail(problem)
+
+    import uvicorn
+
+    from app.service import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s or None, lifespan="on",
+        # The service bounds its own queue; keep-alive connections of load balancers are welcome.
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn returns normally after SIGTERM; a failed start (port in use) leaves `started` False.
+    return 0 if server.started else 1
+
+
+def check_startup(settings) -> str | None:
+    """Fail fast, before binding the port, on what would make every request fail."""
+    from model.checkpoint import CheckpointError, read_meta
+    from model.scoring import resolve_device
+
+    try:
+        read_meta(settings.weights)
+    except CheckpointError as exc:
+        return f"cannot serve {settings.weights}: {exc}"
+    try:
+        resolve_device(settings.device)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _fail(message: str) -> int:
+    print(f"resmemnet serve: error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,89 @@
+"""Request body limit (413) enforced while the body streams in, before it is buffered.
+
+A declared Content-Length over the limit is refused without reading the body; a chunked body
+is counted as it arrives and refused as soon as it passes the limit, so an upload never costs
+more than the limit in memory or temporary disk. Whatever the application was about to answer
+(FastAPI turns a failed form parse into a 400) is replaced by the standard 413 error body.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from .errors import error_body
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app, limit_for: Callable[[str], int | None], on_reject: Callable[[], None] | None = None):
+        self.app = app
+        self.limit_for = limit_for
+        self.on_reject = on_reject or (lambda: None)
+
+    async def __call__(self, scope, receive, send):
+        limit = self.limit_for(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await self._reject(send, limit, declared)
+            return
+
+        state = {"received": 0, "exceeded": False, "answered": False, "started": False}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit:
+                    state["exceeded"] = True
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            if state["exceeded"]:
+                # Swallow the app's own answer to the aborted parse; send ours instead.
+                if message["type"] == "http.response.start" and not state["answered"]:
+                    state["answered"] = True
+                    await self._reject(send, limit, None)
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            if not state["answered"] and not state["started"]:
+                state["answered"] = True
+                await self._reject(send, limit, None)
+        except Exception:
+            if not state["exceeded"]:
+                raise
+            if not state["answered"] and not state["started"]:
+                state["answered"] = True
+                await self._reject(send, limit, None)
+
+    async def _reject(self, send, limit: int, declared: int | None) -> None:
+        self.on_reject()
+        told = f"is {declared} bytes" if declared is not None else "goes on past the limit"
+        body = json.dumps(error_body(413, "upload_too_large", f"the request body {told}; this endpoint takes at most "
+                                     f"{limit} bytes (the upload limit plus multipart framing)")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,124 @@
+"""One error shape for every failure the service reports.
+
+    {"error": {"status": 415, "reason": "not_an_image", "message": "not an image format ..."}}
+
+`reason` is a stable machine-readable code (the table in REASONS), `message` is for people.
+Every error the service answers passes through `error_response`, which also counts it in
+`resmemnet_errors_total{reason=...}`.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("resmemnet.service")
+
+# reason -> (HTTP status, when it happens). The README's error table is generated from this.
+REASONS: dict[str, tuple[int, str]] = {
+    "invalid_request": (422, "missing or misnamed multipart field (images go in `file`, or `files` for /score/batch), "
+                             "or a query parameter out of range"),
+    "empty": (422, "the uploaded file has 0 bytes"),
+    "corrupt": (422, "the file looks like an image but cannot be decoded (truncated, damaged)"),
+    "not_an_image": (415, "the file is not in an image format the server can read"),
+    "upload_too_large": (413, "a file or the request body is larger than the upload limit"),
+    "too_many_pixels": (413, "the image has more pixels than the limit (decompression-bomb guard)"),
+    "too_many_files": (413, "more files in one /score/batch request than allowed"),
+    "bad_request": (400, "the request body could not be parsed (e.g. malformed multipart)"),
+    "not_found": (404, "no such endpoint"),
+    "method_not_allowed": (405, "the endpoint exists but not for this HTTP method"),
+    "queue_full": (503, "the scoring queue is full; retry after `Retry-After` seconds"),
+    "heatmap_busy": (503, "all heatmap slots are busy; retry after `Retry-After` seconds"),
+    "not_ready": (503, "the model is still loading or warming up"),
+    "shutting_down": (503, "the server is shutting down and accepts no new work"),
+    "deadline_exceeded": (504, "the request was not answered within the request deadline"),
+    "internal": (500, "an unexpected server error (logged); please report it"),
+}
+
+# ImageDecodeError.reason -> our reason (the same codes, plus the file-level ones).
+DECODE_REASONS = {"empty", "corrupt", "not_an_image", "too_many_pixels"}
+
+HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "upload_too_large",
+                       415: "not_an_image", 422: "invalid_request", 503: "not_ready", 504: "deadline_exceeded"}
+
+
+class ServiceError(Exception):
+    """An expected failure with a reason code; rendered as the standard error body."""
+
+    def __init__(self, reason: str, message: str, *, status: int | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.status = status or REASONS.get(reason, (500, ""))[0]
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return error_body(self.status, self.reason, self.message)
+
+
+def from_decode_error(exc) -> ServiceError:
+    """ImageDecodeError -> ServiceError with the matching status."""
+    reason = exc.reason if exc.reason in DECODE_REASONS else "corrupt"
+    return ServiceError(reason, exc.message)
+
+
+def error_body(status: int, reason: str, message: str) -> dict:
+    return {"error": {"status": status, "reason": reason, "message": message}}
+
+
+def count_error(request_or_app, reason: str) -> None:
+    app = getattr(request_or_app, "app", request_or_app)
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(reason=reason).inc()
+
+
+def error_response(request: Request | None, status: int, reason: str, message: str, *,
+                   retry_after: int | None = None) -> JSONResponse:
+    if request is not None:
+        count_error(request, reason)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(error_body(status, reason, message), status_code=status, headers=headers)
+
+
+def _describe_validation(errors) -> str:
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        where = ".".join(loc) or "request"
+        if err.get("type") == "missing" and err.get("loc", ("",))[0] == "body":
+            parts.append(f"multipart field {where!r} is required")
+        else:
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    hint = ("; send the image as multipart/form-data in field 'file' (or repeated 'files' for /score/batch)"
+            if any(e.get("loc", ("",))[0] == "body" for e in errors) else "")
+    return "; ".join(parts) + hint
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        return error_response(request, exc.status, exc.reason, exc.message, retry_after=exc.retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(request, 422, "invalid_request", _describe_validation(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        reason = HTTP_STATUS_REASONS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+        message = str(exc.detail) if exc.detail else reason
+        if exc.status_code == 404:
+            message = f"no endpoint at {request.url.path}; see /docs"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(request, exc.status_code, reason, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Last resort: anything reaching here is a bug; log it with the traceback, answer JSON.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, "internal", f"unexpected server error ({type(exc).__name__}); it was logged")

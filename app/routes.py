@@ -1,0 +1,338 @@
+"""HTTP endpoints. Handlers only validate, decode (in the decode pool) and await the batcher;
+the model itself runs in the batcher's worker thread or the heatmap pool, never on the loop."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from .batcher import BatcherClosedError, QueueFullError
+from .errors import ServiceError, count_error, error_body, from_decode_error
+from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, ModelInfo, ReadyResponse, ScoreResponse,
+                      Timing, error_responses)
+
+router = APIRouter()
+
+IMAGE_FIELD_DOC = "the image: JPEG, PNG, WebP, GIF, BMP, TIFF or any other format Pillow reads"
+
+
+@dataclass
+class Prepared:
+    tensor: torch.Tensor
+    width: int
+    height: int
+    decode_s: float
+
+
+def _state(request: Request):
+    return request.app.state.service
+
+
+# -- shared steps ----------------------------------------------------------------------------
+def _admit(state, count: int):
+    try:
+        return state.batcher.admit(count)
+    except QueueFullError as exc:
+        raise ServiceError("queue_full", f"the scoring queue is full ({exc}); retry shortly",
+                           retry_after=state.settings.retry_after_s) from None
+    except BatcherClosedError:
+        raise ServiceError("shutting_down", "the server is shutting down", retry_after=state.settings.retry_after_s) from None
+
+
+async def _read_upload(state, upload: UploadFile) -> bytes:
+    """The upload's bytes, refusing files over the per-file limit before reading them."""
+    limit = state.settings.max_upload_bytes
+    if upload.size is not None and upload.size > limit:
+        raise ServiceError("upload_too_large", f"{_name(upload)} is {upload.size} bytes; the limit is {limit} bytes")
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ServiceError("upload_too_large", f"{_name(upload)} is larger than the limit of {limit} bytes")
+    return data
+
+
+def _name(upload: UploadFile) -> str:
+    return repr(upload.filename) if upload.filename else "the upload"
+
+
+async def _decode(state, upload: UploadFile, *, to_tensor: bool = True):
+    """Decode (and preprocess) an upload in the decode pool; ImageDecodeError -> ServiceError."""
+    from model.preprocess import ImageDecodeError, decode_image
+
+    data = await _read_upload(state, upload)
+    max_pixels = state.settings.max_pixels
+    preprocessing = state.scorer.preprocessing
+
+    def work():
+        started = time.perf_counter()
+        img = decode_image(data, max_pixels=max_pixels)
+        if not to_tensor:
+            return img
+        tensor = preprocessing.image_to_tensor(img)
+        return Prepared(tensor, img.width, img.height, time.perf_counter() - started)
+
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(state.preprocess_pool, work)
+    except ImageDecodeError as exc:
+        raise from_decode_error(exc) from None
+    if to_tensor:
+        state.metrics.preprocess_time.observe(result.decode_s)
+    return result
+
+
+async def _await_deadline(awaitable, deadline: float):
+    remaining = deadline - time.perf_counter()
+    try:
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(awaitable, remaining)
+    except asyncio.TimeoutError:
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        raise ServiceError("deadline_exceeded", "the request was not answered within the request deadline "
+                           "(the server is overloaded or the image is very large)") from None
+    except BatcherClosedError:
+        raise ServiceError("shutting_down", "the server shut down before this image was scored") from None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _timing(prepared: Prepared, result, total_s: float) -> Timing:
+    return Timing(total_ms=_ms(total_s), decode_ms=_ms(prepared.decode_s), queue_ms=_ms(result.queue_wait_s),
+                  model_ms=_ms(result.model_s), batch_size=result.batch_size)
+
+
+# -- scoring ---------------------------------------------------------------------------------
+@router.post("/score", response_model=ScoreResponse, tags=["scoring"], summary="Score one image",
+             responses=error_responses(400, 413, 415, 422, 503, 504))
+async def score(request: Request, file: UploadFile = File(..., description=IMAGE_FIELD_DOC)) -> ScoreResponse:
+    """Memorability of one image, sent as multipart/form-data field `file`.
+
+    Concurrent calls are batched together; the score does not depend on the batch.
+    `curl -F file=@photo.jpg http://localhost:8000/score`
+    """
+    state = _state(request)
+    started = time.perf_counter()
+    state.require_ready()
+    deadline = started + state.settings.request_timeout_s
+    with _admit(state, 1) as admission:
+        prepared = await _decode(state, file)
+        future = admission.submit([prepared.tensor])[0]
+    result = await _await_deadline(future, deadline)
+    total = time.perf_counter() - started
+    return ScoreResponse(score=result.score, filename=file.filename, width=prepared.width, height=prepared.height,
+                         model=ModelInfo(**state.model_info), elapsed_ms=_ms(total),
+                         timing=_timing(prepared, result, total))
+
+
+@router.post("/score/batch", response_model=BatchResponse, tags=["scoring"], summary="Score several images",
+             responses=error_responses(400, 413, 422, 503, 504))
+async def score_batch(request: Request,
+                      files: list[UploadFile] = File(..., description="repeat the field once per image")
+                      ) -> BatchResponse:
+    """Memorability of several images, sent as repeated multipart field `files`.
+
+    Returns one entry per file, in order. A file that cannot be scored gets an error entry
+    (`ok: false`) and does not fail the others.
+    `curl -F files=@a.jpg -F files=@b.png http://localhost:8000/score/batch`
+    """
+    state = _state(request)
+    started = time.perf_counter()
+    state.require_ready()
+    limit = state.settings.max_files_per_request
+    if len(files) > limit:
+        raise ServiceError("too_many_files", f"{len(files)} files in one request; the limit is {limit}")
+    deadline = started + state.settings.request_timeout_s
+    with _admit(state, len(files)) as admission:
+        decoded = await asyncio.gather(*(_decode(state, f) for f in files), return_exceptions=True)
+        for outcome in decoded:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
+                raise outcome
+        good = [i for i, outcome in enumerate(decoded) if isinstance(outcome, Prepared)]
+        futures = admission.submit([decoded[i].tensor for i in good])
+    results = dict(zip(good, await _await_deadline(asyncio.gather(*futures), deadline)))
+    total = time.perf_counter() - started
+    items = []
+    for i, (upload, outcome) in enumerate(zip(files, decoded)):
+        if isinstance(outcome, ServiceError):
+            count_error(request, outcome.reason)
+            items.append(BatchItem(index=i, filename=upload.filename, ok=False, error=ErrorDetail(**outcome.body()["error"])))
+        else:
+            result = results[i]
+            items.append(BatchItem(index=i, filename=upload.filename, ok=True, score=result.score, width=outcome.width,
+                                   height=outcome.height, timing=_timing(outcome, result, total)))
+    return BatchResponse(model=ModelInfo(**state.model_info), elapsed_ms=_ms(total), scored=len(good),
+                         failed=len(files) - len(good), results=items)
+
+
+# -- heatmaps --------------------------------------------------------------------------------
+HEATMAP_HEADERS = {
+    "X-Memorability-Score": {"description": "the image's score, as /score gives it", "schema": {"type": "number"}},
+    "X-Model": {"description": "checkpoint name@version", "schema": {"type": "string"}},
+    "X-Image-Width": {"description": "decoded image width (the PNG has the same size)", "schema": {"type": "integer"}},
+    "X-Image-Height": {"description": "decoded image height", "schema": {"type": "integer"}},
+}
+
+
+@router.post("/heatmap", tags=["scoring"], summary="Grad-RAM heatmap of one image", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "headers": HEATMAP_HEADERS,
+                              "description": "a PNG the size of the image; the score is in X-Memorability-Score"},
+                        **error_responses(400, 413, 415, 422, 503, 504)})
+async def heatmap(
+    request: Request,
+    file: UploadFile = File(..., description=IMAGE_FIELD_DOC),
+    output: Literal["overlay", "map"] = Query("overlay", alias="format",
+                                              description="`overlay`: the heatmap blended over the image; "
+                                                          "`map`: the heatmap alone"),
+    alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap"),
+    colormap: str | None = Query(None, description="colormap name (default: inferno for overlays, "
+                                                   "grey for maps)", max_length=32),
+    layer: str = Query("layer4", description="trunk stage(s): layer1..layer4, a comma list, or all", max_length=64),
+) -> Response:
+    """Which regions of the image raise its memorability score (Grad-RAM), as a PNG.
+
+    Heatmaps are computed a few at a time (`RESMEMNET_HEATMAP_CONCURRENCY`) so they cannot starve
+    `/score`; when all slots are busy the answer is 503 with `Retry-After`.
+    `curl -F file=@photo.jpg -o heat.png -D - 'http://localhost:8000/heatmap?format=overlay&alpha=0.5'`
+    """
+    state = _state(request)
+    started = time.perf_counter()
+    state.require_ready()
+    try:
+        from model import gradram, overlay
+    except ImportError as exc:
+        raise ServiceError("internal", f"heatmaps are not available in this build ({exc})") from None
+    try:
+        layers = gradram.parse_layers(layer)
+    except ValueError as exc:
+        raise ServiceError("invalid_request", f"layer: {exc}") from None
+    _check_colormap(overlay, colormap)
+    if state.heatmaps_running >= state.settings.heatmap_concurrency:
+        raise ServiceError("heatmap_busy", f"{state.heatmaps_running} heatmaps are being computed (the limit); "
+                           "retry shortly", retry_after=state.settings.retry_after_s)
+    deadline = started + state.settings.request_timeout_s
+    loop = asyncio.get_running_loop()
+    scorer = state.scorer
+    slot = _HeatmapSlot(state, loop)
+    try:
+        img = await _decode(state, file, to_tensor=False)
+
+        def work():
+            t0 = time.perf_counter()
+            result = gradram.heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=",".join(layers))
+            if output == "overlay":
+                png = overlay.overlay_png(img, result.heatmap, alpha=alpha, colormap=colormap or "inferno")
+            else:
+                png = overlay.heatmap_png(result.heatmap, colormap=colormap)
+            state.metrics.heatmap_time.observe(time.perf_counter() - t0)
+            return result.score, png
+
+        job = state.heatmap_pool.submit(work)
+        slot.hand_over(job)
+        try:
+            score_value, png = await _await_deadline(asyncio.wrap_future(job), deadline)
+        except ValueError as exc:  # an option the overlay code refuses, e.g. an unknown colormap
+            raise ServiceError("invalid_request", str(exc)) from None
+    finally:
+        slot.release_unless_handed_over()
+    headers = {
+        "X-Memorability-Score": f"{score_value:.8f}",
+        "X-Model": f"{state.model_info['name']}@{state.model_info['version']}",
+        "X-Image-Width": str(img.width), "X-Image-Height": str(img.height),
+        "X-Elapsed-Ms": f"{_ms(time.perf_counter() - started)}",
+    }
+    return Response(png, media_type="image/png", headers=headers)
+
+
+def _check_colormap(overlay_module, colormap: str | None) -> None:
+    """Refuse an unknown colormap before any work, when the overlay module lists its colormaps."""
+    if colormap is None:
+        return
+    known = None
+    for attr in ("COLORMAPS", "colormap_names", "available_colormaps"):
+        value = getattr(overlay_module, attr, None)
+        if value is not None:
+            known = value() if callable(value) else value
+            break
+    if known is not None and colormap not in known:
+        raise ServiceError("invalid_request", f"unknown colormap {colormap!r}; use one of {', '.join(sorted(known))}")
+
+
+class _HeatmapSlot:
+    """One of the `heatmap_concurrency` places, held until the computation ends (even past the deadline:
+    a running thread cannot be stopped, and a freed slot must mean a free thread)."""
+
+    def __init__(self, state, loop):
+        self.state, self.loop = state, loop
+        self.handed_over = False
+        self.released = False
+        state.heatmaps_running += 1
+        state.metrics.heatmaps_in_progress.set(state.heatmaps_running)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.heatmaps_running -= 1
+            self.state.metrics.heatmaps_in_progress.set(self.state.heatmaps_running)
+
+    def hand_over(self, job) -> None:
+        self.handed_over = True
+
+        def done(_):
+            try:
+                self.loop.call_soon_threadsafe(self.release)
+            except RuntimeError:  # loop already closed at shutdown
+                pass
+
+        job.add_done_callback(done)
+
+    def release_unless_handed_over(self) -> None:
+        if not self.handed_over:
+            self.release()
+
+
+# -- operations ------------------------------------------------------------------------------
+@router.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="Liveness",
+            responses=error_responses(503))
+async def healthz(request: Request):
+    """200 while the process serves requests (also while the model loads); 503 if the model failed to load."""
+    state = _state(request)
+    if state.phase == "failed":
+        return JSONResponse(error_body(503, "not_ready", f"the model failed to load ({state.load_error})"), 503)
+    return HealthResponse(status="ok", phase=state.phase)
+
+
+@router.get("/readyz", response_model=ReadyResponse, tags=["operations"], summary="Readiness",
+            responses=error_responses(503))
+async def readyz(request: Request):
+    """200 once the model is loaded and warmed up; 503 (with the phase) before that and while shutting down."""
+    state = _state(request)
+    try:
+        state.require_ready()
+    except ServiceError as exc:
+        # Not counted in resmemnet_errors_total: probes poll this during every start-up.
+        return JSONResponse(exc.body(), exc.status, headers={"Retry-After": str(exc.retry_after or 1)})
+    s = state.settings
+    return ReadyResponse(status="ready", model=ModelInfo(**state.model_info), max_batch_size=s.max_batch_size,
+                         max_wait_ms=s.max_wait_ms, queue_size=s.queue_size)
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
+async def metrics(request: Request) -> Response:
+    data, content_type = _state(request).metrics.render()
+    return Response(data, media_type=content_type)
+
+
+@router.get("/", include_in_schema=False)
+async def index(request: Request):
+    state = _state(request)
+    return {"service": "resmemnet", "phase": state.phase, "docs": "/docs",
+            "endpoints": ["POST /score", "POST /score/batch", "POST /heatmap", "GET /healthz", "GET /readyz",
+                          "GET /metrics"]}

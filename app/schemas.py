@@ -1,0 +1,114 @@
+"""Response bodies of the service, with the examples shown in the OpenAPI docs."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import REASONS, error_body
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="checkpoint name")
+    version: str = Field(description="checkpoint version")
+    device: str = Field(description="where the model runs: cpu or cuda")
+
+
+class Timing(BaseModel):
+    total_ms: float = Field(description="time spent on this request in the server, upload parsing excluded")
+    decode_ms: float = Field(description="decoding and resizing the upload")
+    queue_ms: float = Field(description="waiting for a batch to form and the model to be free")
+    model_ms: float = Field(description="the batched forward pass this image was part of")
+    batch_size: int = Field(description="images in that forward pass")
+
+
+MODEL_EXAMPLE = {"name": "resmemnet-default", "version": "1.0.0", "device": "cuda"}
+TIMING_EXAMPLE = {"total_ms": 18.4, "decode_ms": 4.1, "queue_ms": 5.3, "model_ms": 8.7, "batch_size": 6}
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "score": 0.7312, "filename": "beach.jpg", "width": 640, "height": 480,
+        "model": MODEL_EXAMPLE, "elapsed_ms": 18.4, "timing": TIMING_EXAMPLE}]})
+
+    score: float = Field(ge=0.0, le=1.0, description="predicted memorability, 0 (forgettable) to 1 (memorable)")
+    filename: str | None = Field(default=None, description="the upload's file name, as sent")
+    width: int = Field(description="width of the decoded image (after EXIF rotation), pixels")
+    height: int = Field(description="height of the decoded image (after EXIF rotation), pixels")
+    model: ModelInfo
+    elapsed_ms: float = Field(description="same as timing.total_ms")
+    timing: Timing
+
+
+class ErrorDetail(BaseModel):
+    status: int = Field(description="the HTTP status, repeated")
+    reason: str = Field(description="stable machine-readable code: " + ", ".join(REASONS))
+    message: str = Field(description="what went wrong, for people")
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        error_body(415, "not_an_image", "not an image format that Pillow can read")]})
+
+    error: ErrorDetail
+
+
+class BatchItem(BaseModel):
+    index: int = Field(description="position of the file in the request")
+    filename: str | None = None
+    ok: bool
+    score: float | None = Field(default=None, ge=0.0, le=1.0)
+    width: int | None = None
+    height: int | None = None
+    timing: Timing | None = None
+    error: ErrorDetail | None = Field(default=None, description="why this file was not scored (ok=false)")
+
+
+class BatchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": MODEL_EXAMPLE, "elapsed_ms": 31.0, "scored": 1, "failed": 1,
+        "results": [
+            {"index": 0, "filename": "beach.jpg", "ok": True, "score": 0.7312, "width": 640, "height": 480,
+             "timing": TIMING_EXAMPLE, "error": None},
+            {"index": 1, "filename": "notes.txt", "ok": False, "score": None, "width": None, "height": None,
+             "timing": None, "error": error_body(415, "not_an_image", "not an image format that Pillow can read")["error"]},
+        ]}]})
+
+    model: ModelInfo
+    elapsed_ms: float
+    scored: int = Field(description="files scored")
+    failed: int = Field(description="files with an error entry")
+    results: list[BatchItem] = Field(description="one entry per uploaded file, in upload order")
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "phase": "ready"}]})
+
+    status: str = Field(description="ok while the process serves requests")
+    phase: str = Field(description="starting, loading, warming_up, ready, failed or stopping")
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "status": "ready", "model": MODEL_EXAMPLE, "max_batch_size": 32, "max_wait_ms": 5.0, "queue_size": 128}]})
+
+    status: str
+    model: ModelInfo
+    max_batch_size: int
+    max_wait_ms: float
+    queue_size: int
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses=` entries for the given error statuses, with one example reason each."""
+    out = {}
+    for status in statuses:
+        reasons = [r for r, (s, _) in REASONS.items() if s == status]
+        out[status] = {
+            "model": ErrorResponse,
+            "description": "; ".join(f"`{r}`: {REASONS[r][1]}" for r in reasons) or "error",
+            "content": {"application/json": {"example": error_body(status, reasons[0] if reasons else "internal",
+                                                                   REASONS.get(reasons[0], (0, ""))[1] if reasons else "")}},
+        }
+        if status == 503:
+            out[status]["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
+                                                      "schema": {"type": "integer"}}}
+    return out

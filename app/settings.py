@@ -1,0 +1,139 @@
+"""Service settings, read from `RESMEMNET_*` environment variables.
+
+Every field maps to one variable: `max_batch_size` <- `RESMEMNET_MAX_BATCH_SIZE`, and so on.
+`ServiceSettings.table()` renders the documented table (name, default, meaning) for the README.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Mapping
+
+ENV_PREFIX = "RESMEMNET_"
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value that cannot be used."""
+
+
+def _default_weights() -> str:
+    from model.checkpoint import DEFAULT_WEIGHTS
+
+    return str(DEFAULT_WEIGHTS)
+
+
+def _default_max_pixels() -> int:
+    from model.preprocess import DEFAULT_MAX_PIXELS
+
+    return DEFAULT_MAX_PIXELS
+
+
+def _doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    # -- model -------------------------------------------------------------------------------
+    weights: str = field(default_factory=_default_weights,
+                         metadata=_doc("checkpoint .json to serve (default: the shipped checkpoint)"))
+    device: str = field(default="auto", metadata=_doc("`auto` (CUDA when present, else CPU), `cpu` or `cuda`"))
+    mixed_precision: bool = field(default=True, metadata=_doc("fp16 autocast for the trunk on CUDA (ignored on CPU)"))
+    warmup: bool = field(default=True, metadata=_doc("run warm-up forward passes before /readyz says ready"))
+    torch_threads: int = field(default=0, metadata=_doc("torch intra-op threads (0: torch's default, one per core). On a small CPU "
+                                         "serving a small model, 1 can be much faster (README)"))
+    # -- HTTP --------------------------------------------------------------------------------
+    host: str = field(default="127.0.0.1", metadata=_doc("address `resmemnet serve` binds (the container uses 0.0.0.0)"))
+    port: int = field(default=8000, metadata=_doc("TCP port `resmemnet serve` listens on"))
+    log_level: str = field(default="info", metadata=_doc("uvicorn log level"))
+    graceful_shutdown_s: float = field(
+        default=30.0, metadata=_doc("on SIGTERM, how long requests already accepted may still finish"))
+    # -- batching and load ---------------------------------------------------------------------
+    max_batch_size: int = field(default=32, metadata=_doc("largest batch one forward pass takes (1 turns batching off)"))
+    max_wait_ms: float = field(default=5.0, metadata=_doc("how long the oldest queued image may wait for a batch to fill"))
+    queue_size: int = field(default=128, metadata=_doc("images waiting for the model; beyond this, 503 + Retry-After"))
+    request_timeout_s: float = field(default=30.0, metadata=_doc("per-request deadline; past it the answer is 504"))
+    retry_after_s: int = field(default=1, metadata=_doc("the Retry-After value sent with 503 answers"))
+    preprocess_workers: int = field(default=2, metadata=_doc("threads decoding and resizing uploads"))
+    # -- input limits --------------------------------------------------------------------------
+    max_upload_bytes: int = field(default=20 * MiB, metadata=_doc("largest image file accepted (413 beyond)"))
+    max_pixels: int = field(default_factory=_default_max_pixels,
+                            metadata=_doc("largest width x height decoded (413 beyond; decompression-bomb guard)"))
+    max_files_per_request: int = field(default=32, metadata=_doc("most files one POST /score/batch may carry"))
+    # -- heatmaps ------------------------------------------------------------------------------
+    heatmap_concurrency: int = field(default=1, metadata=_doc("heatmaps computed at once; more get 503 + Retry-After"))
+
+    def __post_init__(self):
+        problems = []
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
+        for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",
+                     "max_files_per_request", "heatmap_concurrency", "retry_after_s"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("max_wait_ms", "torch_threads", "graceful_shutdown_s"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.request_timeout_s <= 0:
+            problems.append("request_timeout_s must be positive")
+        if not 0 < self.port < 65536:
+            problems.append(f"port must be 1..65535, not {self.port}")
+        if problems:
+            raise SettingsError("invalid service settings: " + "; ".join(problems))
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Body limit of one request: its files plus multipart framing."""
+        return self.max_upload_bytes * self.max_files_per_request + 64 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "ServiceSettings":
+        """Defaults, then `RESMEMNET_*` variables, then explicit overrides (e.g. CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f, raw.strip())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes) -> "ServiceSettings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def table(cls) -> str:
+        """Markdown table of every variable, its default and its meaning."""
+        rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+        for f in fields(cls):
+            if f.name == "weights":
+                default = "`weights/resmemnet-default.json`"
+            else:
+                value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                default = f"`{str(value).lower() if isinstance(value, bool) else value}`"
+            rows.append(f"| `{env_name(f.name)}` | {default} | {f.metadata['doc']} |")
+        return "\n".join(rows)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse(f, raw: str):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{env_name(f.name)}={raw!r} is not a valid {kind} ({exc})") from None
