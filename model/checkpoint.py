@@ -19,7 +19,9 @@ from .network import ResMemNet, ResMemNetConfig
 from .preprocess import Preprocessing
 
 FORMAT = "resmemnet-checkpoint/1"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "resmemnet-default.json"
+# The shipped checkpoint; RESMEMNET_WEIGHTS points every command (and the container) elsewhere.
+DEFAULT_WEIGHTS = Path(os.environ.get("RESMEMNET_WEIGHTS")
+                       or Path(__file__).resolve().parent.parent / "weights" / "resmemnet-default.json")
 
 
 class CheckpointError(RuntimeError):

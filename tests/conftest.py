@@ -1,13 +1,19 @@
 """Shared fixtures: a small random-trunk checkpoint and image files of many kinds."""
 from __future__ import annotations
 
-import io
+import os
+
+# Idle OpenMP workers spin by default; on a busy 2-core CI machine that made small torch calls
+# tens of times slower. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import io  # noqa: E402
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

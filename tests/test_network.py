@@ -69,3 +69,23 @@ def test_config_rejects_unknown_values():
         ResMemNetConfig(backbone="resnet18")
     with pytest.raises(ValueError):
         ResMemNetConfig(head="transformer")
+
+
+def test_unrolled_lstm_matches_nn_lstm():
+    """The cuDNN-free recurrence used for gradients on CUDA computes what nn.LSTM computes."""
+    torch.manual_seed(5)
+    head = build_resmemnet().head.eval()
+    x = torch.randn(3, 16, 128)
+    h0 = head.h0.expand(1, 3, -1).contiguous()
+    c0 = head.c0.expand(1, 3, -1).contiguous()
+    with torch.no_grad():
+        _, (h_ref, _) = head.lstm(x, (h0, c0))
+        h_unrolled = head._lstm_unrolled(x, h0[0], c0[0])
+    assert torch.allclose(h_ref[-1], h_unrolled, atol=1e-5)
+
+
+def test_feature_dropout_only_acts_in_training():
+    model = build_resmemnet(feature_dropout=0.9).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))

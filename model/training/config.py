@@ -85,6 +85,7 @@ class ModelConfig:
     proj_dim: int = 128
     hidden_size: int = 128
     dropout: float = 0.2
+    feature_dropout: float = 0.0
 
 
 @dataclass
@@ -372,6 +373,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.proj_dim and model.hidden_size must be >= 1")
     if not 0 <= m.dropout < 1:
         raise ConfigError("model.dropout must be in [0, 1)")
+    if not 0 <= m.feature_dropout < 1:
+        raise ConfigError("model.feature_dropout must be in [0, 1)")
 
     p = cfg.preprocessing
     _choice(p.mode, ("shorter_side", "square"), "preprocessing.mode")

@@ -284,7 +284,7 @@ def build_model(cfg: Config):
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     model = build_resmemnet(backbone=source.depth, trunk_source=source, head=m.head, taps=m.taps,
-                            proj_dim=m.proj_dim, hidden_size=m.hidden_size, dropout=m.dropout)
+                            proj_dim=m.proj_dim, hidden_size=m.hidden_size, dropout=m.dropout, feature_dropout=m.feature_dropout)
     return model, source
 
 
