@@ -106,7 +106,7 @@ def throughput(backbone: str, size: int, batch: int, seconds: float = 4.0) -> di
 
     def step():
         with torch.autocast("cuda", dtype=torch.float16):
-            pooled = model.forward_features(x)
+            pooled = model.forward_features(x, fp32_last_stage=True)  # as Scorer does
         return model.head([p.float() for p in pooled])
 
     for _ in range(5):

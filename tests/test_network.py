@@ -89,3 +89,12 @@ def test_feature_dropout_only_acts_in_training():
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+def test_fp32_last_stage_changes_nothing_without_autocast():
+    model = build_resmemnet().eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a = model.head(model.forward_features(x))
+        b = model.head(model.forward_features(x, fp32_last_stage=True))
+    assert torch.equal(a, b)
