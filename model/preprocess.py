@@ -126,9 +126,8 @@ class ResizePolicy:
             return self.size, self.size
         short, long_ = (width, height) if width <= height else (height, width)
         aspect = min(long_ / max(short, 1), self.max_aspect)
-        new_long = max(self.size, int(round(self.size * aspect / self.multiple)) * self.multiple)
-        new_long = min(new_long, int(math.floor(self.size * self.max_aspect / self.multiple)) * self.multiple)
-        new_long = max(new_long, self.size)
+        cap = int(math.floor(self.size * self.max_aspect / self.multiple)) * self.multiple
+        new_long = max(self.size, min(int(round(self.size * aspect / self.multiple)) * self.multiple, cap))
         return (self.size, new_long) if width <= height else (new_long, self.size)
 
 

@@ -52,3 +52,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     )
     path = tmp_path_factory.mktemp("ckpt") / "test-random.json"
     return save_checkpoint(model, meta, path, embed_trunk=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: on the shared 2-core CI machine, OpenMP's
+    spin-waiting made small multi-threaded ops tens of times slower. Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

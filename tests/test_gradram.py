@@ -97,14 +97,7 @@ def reference_grad_cam(model, images):
     return cams, scores.detach()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    # On oversubscribed CPUs (shared CI), OpenMP's spin-waiting makes small multi-threaded ops
-    # tens of times slower; one thread keeps this module fast. Results do not depend on it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

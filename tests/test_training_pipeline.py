@@ -14,13 +14,7 @@ from model.training.data import (DatasetError, load_csv_dataset, load_dataset, l
 from model.training.train import main as train_main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The CI machine has two shared cores: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- fixtures: every supported layout, written small ------------------------------------------
