@@ -89,7 +89,8 @@ def run_heatmap(args) -> int:
     for path in files:
         try:
             img = decode_image(path)
-            result = heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=args.layer)
+            result = heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=args.layer,
+                                       autocast_dtype=scorer.autocast_dtype)
         except ImageDecodeError as exc:
             print(f"{path}: error: {exc.message} ({exc.reason})", file=sys.stderr)
             failed += 1

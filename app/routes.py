@@ -225,7 +225,8 @@ async def heatmap(
 
         def work():
             t0 = time.perf_counter()
-            result = gradram.heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=",".join(layers))
+            result = gradram.heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=",".join(layers),
+                                                autocast_dtype=scorer.autocast_dtype)
             if output == "overlay":
                 png = overlay.overlay_png(img, result.heatmap, alpha=alpha, colormap=colormap or "inferno")
             else:

@@ -39,7 +39,7 @@ class ServiceSettings:
     weights: str = field(default_factory=_default_weights,
                          metadata=_doc("checkpoint .json to serve (default: the shipped checkpoint)"))
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when present, else CPU), `cpu` or `cuda`"))
-    mixed_precision: bool = field(default=True, metadata=_doc("fp16 autocast for the trunk on CUDA (ignored on CPU)"))
+    mixed_precision: bool = field(default=True, metadata=_doc("trunk in fp16 on CUDA, in bf16 on CPUs with native bf16 (AVX512-BF16/AMX); false: fp32"))
     warmup: bool = field(default=True, metadata=_doc("run warm-up forward passes before /readyz says ready"))
     torch_threads: int = field(default=0, metadata=_doc("torch intra-op threads (0: torch's default, one per core). On a small CPU "
                                          "serving a small model, 1 can be much faster (README)"))

@@ -97,7 +97,8 @@ def bench_model(label, model, preprocessing, *, layers, repeats, device):
         t_decode, _ = timed(lambda: decode_image(data), repeats)
         t_score, _ = timed(lambda: scorer.score_tensor_batch(preprocessing.image_to_tensor(img)[None]), repeats)
         for layer in layers:
-            t_model, result = timed(lambda: heatmap_for_image(scorer.model, preprocessing, img, layer=layer), repeats)
+            t_model, result = timed(lambda: heatmap_for_image(scorer.model, preprocessing, img, layer=layer,
+                                                                        autocast_dtype=scorer.autocast_dtype), repeats)
             t_overlay, png = timed(lambda: overlay_png(img, result.heatmap), repeats)
 
             def end_to_end():

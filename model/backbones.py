@@ -23,23 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BLOCKS_PER_STAGE = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
-STAGE_CHANNELS = (256, 512, 1024, 2048)
+from .resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet  # noqa: F401  (re-exported)
 
 
 class TrunkLoadError(RuntimeError):
     """A trunk weight file that is missing, corrupt, truncated or of the wrong architecture."""
-
-
-def build_resnet(depth: str) -> nn.Module:
-    """A torchvision ResNet without its classifier, randomly initialised."""
-    import torchvision
-
-    if depth not in BLOCKS_PER_STAGE:
-        raise ValueError(f"unknown backbone {depth!r}; choose from {sorted(BLOCKS_PER_STAGE)}")
-    trunk = getattr(torchvision.models, depth)(weights=None)
-    trunk.fc = nn.Identity()
-    return trunk
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -12,11 +12,14 @@ stage's output becomes a fresh leaf tensor, the rest of the network runs with au
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
+
+from .network import global_pool
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -64,12 +67,17 @@ def _check_eval(model) -> None:
         raise ValueError("Grad-RAM needs the model in eval mode; call model.eval() first")
 
 
-def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",)):
+def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",), *,
+               autocast_dtype: torch.dtype | None = None):
     """Raw Grad-RAM maps before ReLU, at each chosen stage's resolution.
 
     images: (B, 3, H, W) in [0, 1]. Returns ({stage: (B, h, w) float32}, scores (B,) float32),
-    on the model's device.
+    on the model's device. autocast_dtype: run the trunk as the Scorer does in mixed precision
+    (that dtype up to layer3, layer4 and the head in fp32), so the score equals the Scorer's.
+    Only bf16 is honoured: fp16's range underflows small gradients, so CUDA maps stay fp32.
     """
+    if autocast_dtype is not None and autocast_dtype != torch.bfloat16:
+        autocast_dtype = None
     chosen = [STAGES.index(s) for s in parse_layers(layers)]
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -79,20 +87,31 @@ def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",))
     taps_all = model.cfg.taps == "all"
     first = chosen[0]
 
+    def mixed():
+        if autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+    def run(stage_index: int, block, h):
+        if autocast_dtype is not None and stage_index == len(stages) - 1:
+            with torch.autocast(device_type=device.type, enabled=False):
+                return block(h.float())  # the Scorer's fp32_last_stage
+        return block(h)
+
     # inference_mode(False): a caller inside inference mode would otherwise get tensors autograd refuses.
     with torch.inference_mode(False):
         x = images.to(device=device, dtype=torch.float32)
         if x.is_inference():
             x = x.clone()  # an inference tensor from the caller becomes an ordinary one
         # 1. Up to the first chosen stage: constants, no graph kept.
-        with torch.no_grad():
+        with torch.no_grad(), mixed():
             h = model.stem(x)
             pooled = []
-            for stage in stages[:first + 1]:
+            for index, stage in enumerate(stages[:first + 1]):
                 for block in stage:
-                    h = block(h)
+                    h = run(index, block, h)
                     if taps_all:
-                        pooled.append(h.mean(dim=(2, 3)))
+                        pooled.append(global_pool(h))
             if taps_all:
                 pooled.pop()  # the first chosen stage's own tap is rebuilt from the leaf below
         # 2. From the first chosen stage on: a graph rooted at a fresh leaf, not at the parameters' users.
@@ -101,16 +120,17 @@ def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",))
             acts = {first: leaf}
             h = leaf
             if taps_all:
-                pooled.append(h.mean(dim=(2, 3)))
-            for index in range(first + 1, len(stages)):
-                for block in stages[index]:
-                    h = block(h)
-                    if taps_all:
-                        pooled.append(h.mean(dim=(2, 3)))
-                acts[index] = h
+                pooled.append(global_pool(h))
+            with mixed():
+                for index in range(first + 1, len(stages)):
+                    for block in stages[index]:
+                        h = run(index, block, h)
+                        if taps_all:
+                            pooled.append(global_pool(h))
+                    acts[index] = h
             if not taps_all:
-                pooled = [h.mean(dim=(2, 3))]
-            scores = model.head(pooled)
+                pooled = [global_pool(h)]
+            scores = model.head(pooled)  # fp32, as in the Scorer
             # Each image's score depends only on its own activations (eval mode), so the gradient
             # of the sum gives every image its own gradient. A deeper chosen stage is part of the
             # graph above a shallower one, so each stage's gradient includes every path through it.
@@ -178,14 +198,15 @@ def _flat_inputs(images: torch.Tensor) -> torch.Tensor:
     return spread.amax(dim=1) <= FLAT_INPUT_RANGE
 
 
-def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tuple[int, int] | None = None):
+def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tuple[int, int] | None = None,
+                  autocast_dtype: torch.dtype | None = None):
     """Like grad_ram, but the maps are upsampled to `size` (H, W) instead of the input size.
 
     The network input covers the whole image, so the same feature map serves any output size.
     """
     layers = parse_layers(layers)
     size = tuple(images.shape[-2:]) if size is None else (int(size[0]), int(size[1]))
-    cams, scores = stage_cams(model, images, layers)
+    cams, scores = stage_cams(model, images, layers, autocast_dtype=autocast_dtype)
     with torch.no_grad():
         in_size = tuple(images.shape[-2:])
         maps = torch.stack([_unit_map(cams[name], stage_stride(name), in_size, size) for name in layers]).mean(dim=0)
@@ -196,7 +217,8 @@ def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tupl
     return maps.float().cpu(), scores.cpu()
 
 
-def grad_ram(model, images: torch.Tensor, *, layers=("layer4",)) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_ram(model, images: torch.Tensor, *, layers=("layer4",),
+             autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-RAM heatmaps for a batch.
 
     images: (B, 3, H, W) in [0, 1], any H, W >= 32. layers: stage names "layer1".."layer4" (the
@@ -204,14 +226,15 @@ def grad_ram(model, images: torch.Tensor, *, layers=("layer4",)) -> tuple[torch.
     of their normalised maps. Returns (maps (B, H, W) float32 in [0, 1], scores (B,) float32),
     both on the CPU. A map is all zeros where no region raises the score (or the image is flat).
     """
-    return grad_ram_maps(model, images, layers=layers)
+    return grad_ram_maps(model, images, layers=layers, autocast_dtype=autocast_dtype)
 
 
-def heatmap_for_image(model, preprocessing, img, *, layer: str = "layer4", device=None) -> HeatmapResult:
+def heatmap_for_image(model, preprocessing, img, *, layer: str = "layer4", device=None,
+                      autocast_dtype: torch.dtype | None = None) -> HeatmapResult:
     """Grad-RAM for one decoded (upright RGB) PIL image, mapped back to its original width x height.
 
     `layer` is a stage name, a comma list or "all". `device` must be None or the model's device
-    (the shared model is never moved).
+    (the shared model is never moved). Pass a Scorer's `autocast_dtype` to get its exact score.
     """
     layers = parse_layers(layer)
     if device is not None:
@@ -219,7 +242,8 @@ def heatmap_for_image(model, preprocessing, img, *, layer: str = "layer4", devic
         if wanted.type != actual.type or wanted.index not in (None, actual.index):
             raise ValueError(f"the model is on {actual}, not {wanted}; move it (or pass device=None)")
     tensor = preprocessing.image_to_tensor(img)
-    maps, scores = grad_ram_maps(model, tensor[None], layers=layers, size=(img.height, img.width))
+    maps, scores = grad_ram_maps(model, tensor[None], layers=layers, size=(img.height, img.width),
+                                 autocast_dtype=autocast_dtype)
     return HeatmapResult(
         score=float(scores[0]),
         heatmap=maps[0].numpy(),

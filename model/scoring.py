@@ -33,6 +33,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
+    emulates bf16 and it is slower than fp32, so the scorer stays in fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
+    """The trunk's reduced precision on this device, or None for fp32: fp16 on CUDA, bf16 on a
+    CPU with native bf16 (1.7x faster than fp32 on the AVX512-BF16 CI machine, scores within ~2e-3)."""
+    if not mixed_precision:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class ScoreResult:
     path: str
@@ -56,8 +79,10 @@ class Scorer:
         self.preprocessing = preprocessing
         self.meta = meta
         self.max_batch = max(1, int(max_batch))
-        # fp16 autocast on CUDA for the trunk; the head always runs in fp32.
-        self.mixed_precision = mixed_precision and self.device.type == "cuda"
+        # Reduced precision for the trunk only (fp16 on CUDA, bf16 on CPUs that have it); the
+        # head always runs in fp32.
+        self.autocast_dtype = autocast_dtype(self.device, mixed_precision)
+        self.mixed_precision = self.autocast_dtype is not None
         model = model.eval().to(self.device)
         self.model = model.to(memory_format=torch.channels_last)
 
@@ -71,8 +96,8 @@ class Scorer:
         return f"{self.meta.name}@{self.meta.version}" if self.meta else "resmemnet"
 
     def _autocast(self):
-        if self.mixed_precision:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        if self.autocast_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
         return nullcontext()
 
     @torch.inference_mode()

@@ -244,14 +244,29 @@ def test_score_equals_the_scorers(scorer):
     images = torch.rand(3, 3, 64, 96)
     expected = scorer.score_tensor_batch(images)
     for layers in (("layer4",), "all"):
-        _, scores = grad_ram(scorer.model, images, layers=layers)
+        _, scores = grad_ram(scorer.model, images, layers=layers, autocast_dtype=scorer.autocast_dtype)
         assert torch.allclose(scores, expected, atol=1e-4), layers
+
+
+def test_mixed_precision_maps_and_scores_stay_close_to_fp32(scorer):
+    """On a CPU with native bf16 the Scorer (and so /heatmap) runs the trunk in bf16."""
+    if scorer.autocast_dtype is None:
+        pytest.skip("this CPU has no native bf16: the scorer runs in fp32")
+    images = torch.rand(3, 3, 64, 96)
+    fp32_maps, fp32_scores = grad_ram(scorer.model, images, layers="all")
+    maps, scores = grad_ram(scorer.model, images, layers="all", autocast_dtype=scorer.autocast_dtype)
+    assert torch.allclose(scores, fp32_scores, atol=1e-2)
+    assert float((maps - fp32_maps).abs().mean()) < 0.05
+    # fp16 is never used for gradients (it would underflow them): the fp32 path is taken
+    _, fp16_scores = grad_ram(scorer.model, images, layers="all", autocast_dtype=torch.float16)
+    assert torch.equal(fp16_scores, fp32_scores)
 
 
 def test_image_api_score_equals_score_paths_for_the_same_file(scorer, tmp_path):
     path = tmp_path / "photo.jpg"
     make_image(path, size=(150, 100), seed=4)
-    result = heatmap_for_image(scorer.model, scorer.preprocessing, decode_image(path), layer="all")
+    result = heatmap_for_image(scorer.model, scorer.preprocessing, decode_image(path), layer="all",
+                               autocast_dtype=scorer.autocast_dtype)
     [row] = list(scorer.score_paths([str(path)]))
     assert result.score == pytest.approx(row.score, abs=1e-4)
     assert result.heatmap.shape == (100, 150) and result.heatmap.dtype == np.float32

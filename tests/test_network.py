@@ -98,3 +98,24 @@ def test_fp32_last_stage_changes_nothing_without_autocast():
         a = model.head(model.forward_features(x))
         b = model.head(model.forward_features(x, fp32_last_stage=True))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("depth", BACKBONES)
+def test_trunk_matches_torchvision_resnet(depth):
+    """Our ResNet is torchvision's layout (so its weights load unchanged) and computes the same."""
+    torchvision = pytest.importorskip("torchvision")
+    from model.resnet import build_resnet
+
+    ours = build_resnet(depth).eval()
+    theirs = getattr(torchvision.models, depth)(weights=None)
+    theirs.fc = torch.nn.Identity()
+    theirs.eval()
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    assert all(ours_state[k].shape == v.shape for k, v in theirs_state.items())
+    # same initialisation statistics: fan-out He for convolutions, unit BatchNorm
+    assert ours.layer3[0].conv2.weight.std().item() == pytest.approx(theirs.layer3[0].conv2.weight.std().item(), rel=0.05)
+    ours.load_state_dict(theirs_state)
+    images = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.equal(ours(images), theirs(images))

@@ -63,6 +63,28 @@ def test_scores_do_not_depend_on_batch_or_company(tmp_path, tiny_checkpoint):
     assert together == pytest.approx(alone, abs=1e-4)
 
 
+def test_precision_follows_the_cpu_and_fp32_is_a_choice(tmp_path, tiny_checkpoint, monkeypatch):
+    import torch
+
+    from model import scoring
+
+    assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False).autocast_dtype is None
+    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only CPU: bf16 is emulated
+    assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu").autocast_dtype is None
+    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: True)
+    mixed = Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
+    fp32 = Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False)
+    assert mixed.autocast_dtype == torch.bfloat16 and mixed.mixed_precision
+    images = torch.rand(4, 3, 64, 96)
+    assert torch.allclose(mixed.score_tensor_batch(images), fp32.score_tensor_batch(images), atol=1e-2)
+    img = tmp_path / "one.jpg"
+    make_image(img)
+    for flags in ([], ["--fp32"]):
+        out = tmp_path / "s.json"
+        assert main(["score", str(img), "--weights", str(tiny_checkpoint), "--out", str(out), *flags]) == 0
+        assert 0 <= json.loads(out.read_text())[0]["score"] <= 1
+
+
 @pytest.mark.parametrize("argv,message", [
     (["score", "x.jpg", "--out", "scores.xlsx"], "--out must end in .csv or .json"),
     (["score", "{tmp}", "--weights", "{tmp}/missing.json"], "not found"),
