@@ -1,7 +1,8 @@
 """The prepared CUDA check (one script, a few minutes on one GPU).
 
 1. CUDA scores (fp16 autocast trunk, fp32 head) equal CPU fp32 scores within 1e-3, for images of
-   mixed shapes batched by the scorer.
+   mixed shapes batched by the scorer. The CPU reference is always fp32; where the host CPU has
+   native bf16 (the CPU scorer's default there), its drift from fp32 is reported beside it.
 2. Model-only images/s at batch 64 for 224x224 and 512x512 (and batch 256 at 224), per depth.
 
 The GPU machine has no copy of ../shared/data or of the trunk packages, so the trunk is random;
@@ -67,7 +68,8 @@ def spread_scores(model, target_std: float = 0.35) -> None:
 
 def agreement(backbone: str, weights: str | None, trunk_file: str | None = None, mixed_precision: bool = True) -> dict:
     if weights:
-        cpu = Scorer.from_checkpoint(weights, device="cpu")
+        cpu = Scorer.from_checkpoint(weights, device="cpu", mixed_precision=False)
+        cpu_default = Scorer.from_checkpoint(weights, device="cpu")
         gpu = Scorer.from_checkpoint(weights, device="cuda", mixed_precision=mixed_precision)
     else:
         torch.manual_seed(0)
@@ -80,7 +82,8 @@ def agreement(backbone: str, weights: str | None, trunk_file: str | None = None,
             fit_batchnorm(model)
         spread_scores(model)
         pre = Preprocessing(resize=ResizePolicy(size=224), input_scaling=model.cfg.input_scaling)
-        cpu = Scorer(model, pre, device="cpu")
+        cpu = Scorer(model, pre, device="cpu", mixed_precision=False)
+        cpu_default = Scorer(model, pre, device="cpu")
         gpu_model = build_resmemnet(backbone=backbone, input_scaling=model.cfg.input_scaling)
         gpu_model.load_state_dict(model.state_dict())
         gpu = Scorer(gpu_model, pre, device="cuda", mixed_precision=mixed_precision)
@@ -89,6 +92,9 @@ def agreement(backbone: str, weights: str | None, trunk_file: str | None = None,
     a = torch.tensor(cpu.score_tensors(tensors))
     b = torch.tensor(gpu.score_tensors(tensors))
     single = torch.tensor([gpu.score_tensors([t])[0] for t in tensors[:8]])
+    extra = {}
+    if cpu_default.mixed_precision:
+        extra["max_abs_diff_cpu_bf16_vs_fp32"] = float((torch.tensor(cpu_default.score_tensors(tensors)) - a).abs().max())
     return {
         "backbone": backbone, "trunk": "real (" + trunk_file + ")" if trunk_file else ("checkpoint" if weights else "random, BN fitted"),
         "images": len(tensors), "mixed_precision": gpu.mixed_precision,
@@ -96,6 +102,7 @@ def agreement(backbone: str, weights: str | None, trunk_file: str | None = None,
         "max_abs_diff_cuda_batched_vs_single": float((b[:8] - single).abs().max()),
         "score_range": [float(a.min()), float(a.max())],
         "pass_1e-3": bool((a - b).abs().max() < 1e-3),
+        **extra,
     }
 
 
