@@ -22,6 +22,17 @@ class ResMemNetConfig:
     head: str = "lstm"  # "lstm" (paper) | "linear" (ablation: concatenated projections -> linear)
     taps: str = "all"  # "all" bottleneck outputs (paper) | "last" block only (ablation)
     input_scaling: str = "imagenet"  # "imagenet" mean/std | "unit" [0,1]: what the trunk expects
+    # A second output fitted to a teacher's scores on unlabelled photos (multi-task training); the
+    # score is score_blend * labelled output + (1 - score_blend) * teacher output.
+    teacher_output: bool = False
+    score_blend: float = 1.0
+    # Heads trained side by side from different initialisations and dropout masks on the same
+    # pooled features; the score is their mean (the trunk runs once, so this costs little).
+    ensemble: int = 1
+    # Affine map of the (blended) score onto the labelled scale, fitted on the training images
+    # after training: a teacher output brings the teacher's scale along on labelled photos.
+    score_scale: float = 1.0
+    score_shift: float = 0.0
 
     def __post_init__(self):
         if self.backbone not in BLOCKS_PER_STAGE:
@@ -32,6 +43,18 @@ class ResMemNetConfig:
             raise ValueError(f"unknown taps {self.taps!r}")
         if self.input_scaling not in ("imagenet", "unit"):
             raise ValueError(f"unknown input scaling {self.input_scaling!r}")
+        if not 0.0 <= self.score_blend <= 1.0:
+            raise ValueError(f"score_blend must lie in [0, 1], got {self.score_blend}")
+        if self.score_blend < 1.0 and not self.teacher_output:
+            raise ValueError("score_blend < 1 needs teacher_output = true")
+        if not self.score_scale > 0:
+            raise ValueError(f"score_scale must be positive (it keeps the ranking), got {self.score_scale}")
+        if not isinstance(self.ensemble, int) or self.ensemble < 1:
+            raise ValueError(f"ensemble must be a whole number >= 1, got {self.ensemble!r}")
+
+    @property
+    def n_outputs(self) -> int:
+        return 2 if self.teacher_output else 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,10 +103,18 @@ class TapHead(nn.Module):
             out_dim = cfg.hidden_size
         else:
             out_dim = cfg.proj_dim * len(chans)
-        self.out = nn.Linear(out_dim, 1)
+        self.out = nn.Linear(out_dim, cfg.n_outputs)
 
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         """pooled: one (B, C_i) tensor per tap -> (B,) scores in [0, 1]."""
+        return blend_outputs(self.outputs(pooled), self.cfg)
+
+    def member_outputs(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(1, B, n_outputs): the training loss is taken per ensemble member."""
+        return self.outputs(pooled).unsqueeze(0)
+
+    def outputs(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(B, n_outputs) in [0, 1]: column 0 fits the labelled scores, column 1 (if any) the teacher's."""
         if len(pooled) != len(self.projections):
             raise ValueError(f"expected {len(self.projections)} taps, got {len(pooled)}")
         # Feature dropout before the BatchNorm: on LNSIM this beat dropout after it (CV rho 0.550 vs 0.531).
@@ -102,7 +133,7 @@ class TapHead(nn.Module):
                 feat = h_last[-1]
         else:
             feat = torch.cat(seq, dim=1)
-        return torch.sigmoid(self.out(self.dropout(feat)).squeeze(-1))
+        return torch.sigmoid(self.out(self.dropout(feat)))
 
     def _lstm_unrolled(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """nn.LSTM's recurrence (gate order i, f, g, o) with plain ops; returns the last hidden state."""
@@ -121,6 +152,45 @@ class TapHead(nn.Module):
         return list(torch.split(flat, self.cfg.tap_channels, dim=1))
 
 
+def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
+    """(B, n_outputs) -> (B,) score: the labelled output, blended with the teacher output if any,
+    then calibrated (identity unless training fitted it) and kept in [0, 1]."""
+    if outputs.shape[1] == 1:
+        score = outputs[:, 0]
+    else:
+        score = cfg.score_blend * outputs[:, 0] + (1.0 - cfg.score_blend) * outputs[:, 1]
+    if cfg.score_scale == 1.0 and cfg.score_shift == 0.0:
+        return score
+    return (cfg.score_scale * score + cfg.score_shift).clamp(0.0, 1.0)
+
+
+class HeadEnsemble(nn.Module):
+    """cfg.ensemble TapHeads on the same pooled taps; outputs are the members' mean."""
+
+    def __init__(self, cfg: ResMemNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(TapHead(cfg) for _ in range(cfg.ensemble))
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return blend_outputs(self.outputs(pooled), self.cfg)
+
+    def outputs(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return self.member_outputs(pooled).mean(dim=0)
+
+    def member_outputs(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(members, B, n_outputs)."""
+        return torch.stack([m.outputs(pooled) for m in self.members])
+
+    def split_flat(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return self.members[0].split_flat(flat)
+
+
+def build_head(cfg: ResMemNetConfig) -> nn.Module:
+    # One head keeps the plain `head.*` keys of checkpoints written before ensembles existed.
+    return TapHead(cfg) if cfg.ensemble == 1 else HeadEnsemble(cfg)
+
+
 class ResMemNet(nn.Module):
     """Scores images (B, 3, H, W) in [0, 1] (any H, W >= 32) with memorability in [0, 1]."""
 
@@ -128,7 +198,7 @@ class ResMemNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_resnet(cfg.backbone)
-        self.head = TapHead(cfg)
+        self.head = build_head(cfg)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.input_scaling == "imagenet" else ((0, 0, 0), (1, 1, 1))
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -145,6 +215,14 @@ class ResMemNet(nn.Module):
             for i in range(n_blocks):
                 out.append((stage, f"trunk.layer{stage + 1}.{i}", chans))
         return out if self.cfg.taps == "all" else out[-1:]
+
+    def set_score_calibration(self, scale: float = 1.0, shift: float = 0.0) -> "ResMemNet":
+        """Set the affine score calibration (1, 0 = none) on the model and its head(s)."""
+        self.cfg = replace(self.cfg, score_scale=float(scale), score_shift=float(shift))
+        for module in self.head.modules():
+            if isinstance(module, (TapHead, HeadEnsemble)):
+                module.cfg = self.cfg
+        return self
 
     # -- freezing -------------------------------------------------------------------------
     def set_trunk_frozen(self, frozen: bool = True) -> "ResMemNet":

@@ -4,7 +4,9 @@ import torch
 
 from model.network import BACKBONES, ResMemNetConfig, build_resmemnet, count_parameters
 
-VARIANTS = [dict(backbone=b) for b in BACKBONES] + [dict(head="linear"), dict(taps="last")]
+VARIANTS = [dict(backbone=b) for b in BACKBONES] + [dict(head="linear"), dict(taps="last"),
+                                                    dict(teacher_output=True, score_blend=0.8),
+                                                    dict(ensemble=2, teacher_output=True, score_blend=0.8)]
 
 
 def test_default_parameter_count_matches_paper():
@@ -25,6 +27,41 @@ def test_every_variant_builds_and_every_parameter_gets_a_gradient(kwargs):
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing[:5]
     assert len(model.feature_info) == len(model.cfg.tap_channels)
+
+
+def test_ensemble_scores_are_the_mean_of_its_members():
+    model = build_resmemnet(ensemble=3, teacher_output=True, score_blend=0.6).eval()
+    with torch.no_grad():
+        pooled = model.forward_features(torch.rand(2, 3, 64, 64))
+        members = torch.stack([m(pooled) for m in model.head.members])
+        assert model.head.member_outputs(pooled).shape == (3, 2, 2)
+        assert torch.allclose(model.head(pooled), members.mean(dim=0), atol=1e-6)
+        assert not torch.allclose(members[0], members[1])  # members start from different weights
+    with pytest.raises(ValueError, match="ensemble"):
+        ResMemNetConfig(ensemble=0)
+
+
+def test_score_calibration_is_affine_clamped_and_keeps_the_ranking():
+    model = build_resmemnet(teacher_output=True, score_blend=0.5).eval()
+    with torch.no_grad():
+        pooled = model.forward_features(torch.rand(4, 3, 64, 64))
+        raw = model.head(pooled)
+        model.set_score_calibration(2.0, -0.4)
+        assert model.cfg.score_scale == 2.0 and model.head.cfg is model.cfg
+        assert torch.allclose(model.head(pooled), (2.0 * raw - 0.4).clamp(0, 1))
+        assert torch.equal(torch.argsort(model.head(pooled)), torch.argsort(raw))  # raw scores sit near 0.5: no clamping
+        model.set_score_calibration()
+        assert torch.equal(model.head(pooled), raw)
+    with pytest.raises(ValueError, match="positive"):
+        ResMemNetConfig(score_scale=0.0)
+
+
+def test_score_blend_needs_a_teacher_output_and_lies_in_0_1():
+    with pytest.raises(ValueError, match="teacher_output"):
+        ResMemNetConfig(score_blend=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ResMemNetConfig(teacher_output=True, score_blend=1.5)
+    assert ResMemNetConfig(teacher_output=True).n_outputs == 2 and ResMemNetConfig().n_outputs == 1
 
 
 @pytest.mark.parametrize("size", [(64, 64), (224, 224), (333, 517), (1024, 768)])

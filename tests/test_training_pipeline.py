@@ -258,6 +258,67 @@ def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(workspace, t
     assert "checkpoint written" in capsys.readouterr().err
 
 
+def test_teacher_output_is_trained_on_teacher_rows_and_blended_into_the_score(workspace, tmp_path, capsys):
+    from model.checkpoint import load_checkpoint
+
+    cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], workspace["cache"],
+                            [("frozen", 4, 1e-3, 1e-2, True, True)], teacher=workspace["teacher"],
+                            extra="", )
+    text = cfg_path.read_text().replace('backbone = "resnet50"', 'backbone = "resnet50"\nteacher_output = true\nscore_blend = 0.7')
+    cfg_path.write_text(text)
+    run = tmp_path / "run"
+    assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
+    log = _read_log(run)
+    assert float(log[-1]["train_loss"]) < float(log[0]["train_loss"])
+    model, meta = load_checkpoint(run / "tiny.json")
+    arch = meta.architecture
+    assert arch.teacher_output and arch.score_blend == 0.7
+    assert model.head.out.out_features == 2
+    # The blend was mapped onto the labelled scale after training (least squares, ranking kept).
+    assert arch.score_scale > 0 and (arch.score_scale, arch.score_shift) != (1.0, 0.0)
+    assert "score calibration" in capsys.readouterr().err
+    with torch.no_grad():
+        pooled = model.forward_features(torch.rand(3, 3, 32, 32))
+        both = model.head.outputs(pooled)
+        blended = 0.7 * both[:, 0] + 0.3 * both[:, 1]
+        expected = (arch.score_scale * blended + arch.score_shift).clamp(0, 1)
+        assert torch.allclose(model.head(pooled), expected, atol=1e-6)
+
+
+def test_cv_of_a_teacher_output_model_reports_the_whole_blend_curve(workspace, tmp_path, capsys):
+    cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], workspace["cache"],
+                            [("frozen", 2, 1e-3, 1e-2, True, True)], teacher=workspace["teacher"])
+    cfg_path.write_text(cfg_path.read_text().replace(
+        'backbone = "resnet50"', 'backbone = "resnet50"\nteacher_output = true\nscore_blend = 0.7'))
+    run = tmp_path / "cv"
+    assert train_main(["--config", str(cfg_path), "--cv", "--out", str(run)]) == 0
+    report = json.loads((run / "cv.json").read_text())
+    curve = report["blend_curve"]
+    assert [r["blend"] for r in curve] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    assert all("teacher_holdout_spearman_mean" in r and r["spearman_std"] >= 0 for r in curve)
+    at_shipped_blend = next(r for r in curve if r["blend"] == 0.7)
+    assert at_shipped_blend["spearman_mean"] == pytest.approx(report["mean"]["spearman"], abs=1e-3)
+    with open(run / "cv_blend.csv") as fh:
+        assert next(csv.reader(fh))[:2] == ["blend", "spearman_mean"]
+    assert "score_blend" in capsys.readouterr().err
+
+
+def test_ensemble_members_are_trained_and_saved(workspace, tmp_path):
+    from model.checkpoint import load_checkpoint
+
+    cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], workspace["cache"],
+                            [("frozen", 4, 1e-3, 1e-2, True, True)])
+    cfg_path.write_text(cfg_path.read_text().replace('backbone = "resnet50"', 'backbone = "resnet50"\nensemble = 2'))
+    run = tmp_path / "run"
+    assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
+    log = _read_log(run)
+    assert float(log[-1]["train_loss"]) < float(log[0]["train_loss"])
+    model, meta = load_checkpoint(run / "tiny.json")
+    assert meta.architecture.ensemble == 2 and len(model.head.members) == 2
+    first, second = (m.out.weight for m in model.head.members)
+    assert not torch.allclose(first, second)
+
+
 def test_resumed_run_equals_an_uninterrupted_one(workspace, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -352,6 +413,8 @@ def test_evaluate_without_splits_reports_all_images(tiny_checkpoint, workspace, 
     (["train", "--resume", "/no/such/run"], "not a run folder"),
     (["evaluate", "--weights", "/no/such.json", "--dataset", "lnsim", "--root", "/no/such/dir"], "not found"),
     (["evaluate", "--dataset", "csv"], "needs --csv"),
+    (["train", "--set", "data.teacher.weight=0", "--set", "model.teacher_output=true"], "needs teacher rows"),
+    (["train", "--set", "model.teacher_output=false"], "needs model.teacher_output = true"),
 ])
 def test_cli_errors_exit_2_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     from app.cli import main as cli_main

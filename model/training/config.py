@@ -86,6 +86,11 @@ class ModelConfig:
     hidden_size: int = 128
     dropout: float = 0.2
     feature_dropout: float = 0.0
+    # Multi-task: teacher rows train a second output instead of sharing the labelled one; the
+    # served score blends the two (score_blend * labelled + (1 - score_blend) * teacher).
+    teacher_output: bool = False
+    score_blend: float = 1.0
+    ensemble: int = 1  # heads trained side by side; the score is their mean
 
 
 @dataclass
@@ -375,6 +380,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.dropout must be in [0, 1)")
     if not 0 <= m.feature_dropout < 1:
         raise ConfigError("model.feature_dropout must be in [0, 1)")
+    if not 0 <= m.score_blend <= 1:
+        raise ConfigError("model.score_blend must be in [0, 1]")
+    if m.teacher_output and not (d.teacher.enabled and d.teacher.weight > 0):
+        raise ConfigError("model.teacher_output = true needs teacher rows to train it "
+                          "(data.teacher.csv and data.teacher.weight > 0)")
+    if not isinstance(m.ensemble, int) or m.ensemble < 1:
+        raise ConfigError("model.ensemble must be a whole number >= 1")
+    if m.score_blend < 1 and not m.teacher_output:
+        raise ConfigError("model.score_blend < 1 needs model.teacher_output = true")
 
     p = cfg.preprocessing
     _choice(p.mode, ("shorter_side", "square"), "preprocessing.mode")

@@ -45,6 +45,20 @@ def build_report(results: list[dict], *, dataset: str, model: str = "", info: di
     }
 
 
+def summarize_blend_curves(curves: list[list[dict]]) -> list[dict]:
+    """Per-split blend curves -> per blend: mean and sd of test rho, mean teacher agreement."""
+    out = []
+    for rows in zip(*curves):
+        rho = np.array([r["spearman"] for r in rows], dtype=float)
+        row = {"blend": rows[0]["blend"], "spearman_mean": float(rho.mean()),
+               "spearman_std": float(rho.std(ddof=1)) if len(rho) > 1 else 0.0}
+        hold = [r["teacher_holdout_spearman"] for r in rows if r.get("teacher_holdout_spearman") is not None]
+        if hold:
+            row["teacher_holdout_spearman_mean"] = float(np.mean(hold))
+        out.append(row)
+    return out
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
@@ -73,7 +87,17 @@ def write_report(report: dict, out_dir: str | Path, stem: str = "metrics") -> li
         w.writerow(["set", "n", "mean_pred", "mean_true", "mean_true_best"])
         for r in report["top_bottom"]:
             w.writerow([r["set"], r["n"], _fmt(r["mean_pred"]), _fmt(r["mean_true"]), _fmt(r["mean_true_best"])])
-    return [json_path, csv_path, tb_path]
+    written = [json_path, csv_path, tb_path]
+    if report.get("blend_curve"):
+        blend_path = out_dir / f"{stem}_blend.csv"
+        keys = list(report["blend_curve"][0])
+        with open(blend_path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(keys)
+            for r in report["blend_curve"]:
+                w.writerow([_fmt(r.get(k)) for k in keys])
+        written.append(blend_path)
+    return written
 
 
 def _json_safe(obj):
@@ -111,6 +135,12 @@ def format_report(report: dict) -> str:
         lines.append(f"{'set':>12} {'mean_pred':>10} {'mean_true':>10} {'best_true':>10}")
         for r in report["top_bottom"]:
             lines.append(f"{r['set']:>12} {r['mean_pred']:>10.4f} {r['mean_true']:>10.4f} {r['mean_true_best']:>10.4f}")
+    if report.get("blend_curve"):
+        lines.append("")
+        lines.append(f"{'score_blend':>12} {'rho':>8} {'sd':>8} {'teacher':>8}  (teacher: agreement on held-out pool photos)")
+        for r in report["blend_curve"]:
+            lines.append(f"{r['blend']:>12.1f} {r['spearman_mean']:>8.4f} {r['spearman_std']:>8.4f} "
+                         f"{_fmt(r.get('teacher_holdout_spearman_mean')):>8}")
     return "\n".join(lines)
 
 
