@@ -509,11 +509,10 @@ def predict(model, pool: Pool, idx, cfg: Config, loader: ImageLoader, device, *,
     try:
         with torch.no_grad():
             if pool.features is not None and not trunk_changed and "none" in pool.features.augmentations:
-                a = pool.features.augmentations.index("none")
-                for lo in range(0, len(idx), bs):
-                    x = torch.from_numpy(pool.features.rows(idx[lo:lo + bs], a)).to(device)
-                    out[lo:lo + bs] = model.head(model.head.split_flat(x)).float().cpu().numpy()
-                return out
+                from ..network import blend_outputs
+
+                return blend_outputs(torch.from_numpy(head_outputs(model, pool, idx, cfg, device)),
+                                     model.cfg).numpy().astype(np.float64)
             position = {int(i): k for k, i in enumerate(idx)}
             dtype, _ = amp
             autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
