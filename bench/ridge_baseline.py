@@ -102,7 +102,8 @@ def main(argv=None) -> int:
             continue
         raw = teacher.scores[t_train - pool.n_labelled]
         y_teacher = map_teacher_scores(raw, y_train, cfg.data.teacher.mapping)
-        teach_pred = ridge_fit_predict(features(t_train), y_teacher, [x_test, x_hold], nested_alpha(features(t_train), y_teacher))
+        x_teacher = features(t_train)
+        teach_pred = ridge_fit_predict(x_teacher, y_teacher, [x_test, x_hold], nested_alpha(x_teacher, y_teacher))
         hold_truth = teacher.scores[t_hold - pool.n_labelled]
         for b in BLENDS:
             blends[b]["rho"].append(spearman(b * lab_pred[0] + (1 - b) * teach_pred[0], y_test))

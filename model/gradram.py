@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .network import global_pool
+from .network import global_pool, run_block_fp32
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -94,8 +94,7 @@ def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",),
 
     def run(stage_index: int, block, h):
         if autocast_dtype is not None and stage_index == len(stages) - 1:
-            with torch.autocast(device_type=device.type, enabled=False):
-                return block(h.float())  # the Scorer's fp32_last_stage
+            return run_block_fp32(block, h)  # the Scorer's fp32_last_stage
         return block(h)
 
     # inference_mode(False): a caller inside inference mode would otherwise get tensors autograd refuses.

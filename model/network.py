@@ -71,6 +71,13 @@ class ResMemNetConfig:
         return chans if self.taps == "all" else chans[-1:]
 
 
+def run_block_fp32(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One block outside any autocast, in fp32: the last stage under mixed precision (scoring and
+    Grad-RAM both do this, so their scores agree)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return block(x.float())
+
+
 def global_pool(x: torch.Tensor) -> torch.Tensor:
     """Spatial mean, accumulated and returned in fp32 even under fp16 autocast: rounding the
     pooled vector to fp16 alone moved scores by ~1e-3 on CUDA."""
@@ -264,8 +271,7 @@ class ResMemNet(nn.Module):
         last_stage = set(map(id, self.trunk.layer4)) if fp32_last_stage else set()
         for block in self.blocks():
             if id(block) in last_stage:
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    x = block(x.float())
+                x = run_block_fp32(block, x)
             else:
                 x = block(x)
             if self.cfg.taps == "all":
