@@ -415,6 +415,8 @@ def test_evaluate_without_splits_reports_all_images(tiny_checkpoint, workspace, 
     (["evaluate", "--dataset", "csv"], "needs --csv"),
     (["train", "--set", "data.teacher.weight=0", "--set", "model.teacher_output=true"], "needs teacher rows"),
     (["train", "--set", "model.teacher_output=false"], "needs model.teacher_output = true"),
+    (["train", "--set", "model.ensemble=0"], "model.ensemble must be a whole number"),
+    (["train", "--set", "model.score_blend=1.5"], "model.score_blend must be in [0, 1]"),
 ])
 def test_cli_errors_exit_2_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     from app.cli import main as cli_main
