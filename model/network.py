@@ -12,6 +12,9 @@ from .backbones import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
+HEADS = ("lstm", "linear", "readout")
+
+
 @dataclass(frozen=True)
 class ResMemNetConfig:
     backbone: str = "resnet50"
@@ -19,7 +22,9 @@ class ResMemNetConfig:
     hidden_size: int = 128  # LSTM hidden state
     dropout: float = 0.2
     feature_dropout: float = 0.0  # dropout on the pooled tap vectors themselves (a strong regulariser)
-    head: str = "lstm"  # "lstm" (paper) | "linear" (ablation: concatenated projections -> linear)
+    # "lstm" (paper) | "linear" (ablation: concatenated projections -> linear) | "readout": one
+    # linear map of the raw pooled taps, fitted in closed form (ridge; model/training/readout.py)
+    head: str = "lstm"
     taps: str = "all"  # "all" bottleneck outputs (paper) | "last" block only (ablation)
     input_scaling: str = "imagenet"  # "imagenet" mean/std | "unit" [0,1]: what the trunk expects
     # A second output fitted to a teacher's scores on unlabelled photos (multi-task training); the
@@ -37,7 +42,7 @@ class ResMemNetConfig:
     def __post_init__(self):
         if self.backbone not in BLOCKS_PER_STAGE:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose from {sorted(BLOCKS_PER_STAGE)}")
-        if self.head not in ("lstm", "linear"):
+        if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}")
         if self.taps not in ("all", "last"):
             raise ValueError(f"unknown taps {self.taps!r}")
@@ -51,6 +56,8 @@ class ResMemNetConfig:
             raise ValueError(f"score_scale must be positive (it keeps the ranking), got {self.score_scale}")
         if not isinstance(self.ensemble, int) or self.ensemble < 1:
             raise ValueError(f"ensemble must be a whole number >= 1, got {self.ensemble!r}")
+        if self.head == "readout" and self.ensemble != 1:
+            raise ValueError("a readout head is fitted in closed form: ensemble must be 1")
 
     @property
     def n_outputs(self) -> int:
@@ -159,6 +166,35 @@ class TapHead(nn.Module):
         return list(torch.split(flat, self.cfg.tap_channels, dim=1))
 
 
+class TapReadout(nn.Module):
+    """Pooled tap vectors -> outputs by one linear map of their concatenation. Training fits it in
+    closed form (ridge on standardised taps, model/training/readout.py) and folds the
+    standardisation into the weights, so serving is a single matrix product."""
+
+    def __init__(self, cfg: ResMemNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.out = nn.Linear(sum(cfg.tap_channels), cfg.n_outputs)
+        with torch.no_grad():  # an unfitted readout scores near 0.5, not at the clamp bounds
+            self.out.weight.mul_(0.01)
+            self.out.bias.fill_(0.5)
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return blend_outputs(self.outputs(pooled), self.cfg)
+
+    def outputs(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(B, n_outputs) on the score scale (not clamped: blend_outputs clamps the final score)."""
+        if len(pooled) != len(self.cfg.tap_channels):
+            raise ValueError(f"expected {len(self.cfg.tap_channels)} taps, got {len(pooled)}")
+        return self.out(torch.cat([p.float() for p in pooled], dim=1))
+
+    def member_outputs(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return self.outputs(pooled).unsqueeze(0)
+
+    def split_flat(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(flat, self.cfg.tap_channels, dim=1))
+
+
 def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
     """(B, n_outputs) -> (B,) score: the labelled output, blended with the teacher output if any,
     then calibrated (identity unless training fitted it) and kept in [0, 1]."""
@@ -166,9 +202,9 @@ def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
         score = outputs[:, 0]
     else:
         score = cfg.score_blend * outputs[:, 0] + (1.0 - cfg.score_blend) * outputs[:, 1]
-    if cfg.score_scale == 1.0 and cfg.score_shift == 0.0:
-        return score
-    return (cfg.score_scale * score + cfg.score_shift).clamp(0.0, 1.0)
+    if not (cfg.score_scale == 1.0 and cfg.score_shift == 0.0):
+        score = cfg.score_scale * score + cfg.score_shift
+    return score.clamp(0.0, 1.0)  # a linear readout can leave [0, 1]; sigmoid heads never do
 
 
 class HeadEnsemble(nn.Module):
@@ -194,6 +230,8 @@ class HeadEnsemble(nn.Module):
 
 
 def build_head(cfg: ResMemNetConfig) -> nn.Module:
+    if cfg.head == "readout":
+        return TapReadout(cfg)
     # One head keeps the plain `head.*` keys of checkpoints written before ensembles existed.
     return TapHead(cfg) if cfg.ensemble == 1 else HeadEnsemble(cfg)
 
@@ -227,7 +265,7 @@ class ResMemNet(nn.Module):
         """Set the affine score calibration (1, 0 = none) on the model and its head(s)."""
         self.cfg = replace(self.cfg, score_scale=float(scale), score_shift=float(shift))
         for module in self.head.modules():
-            if isinstance(module, (TapHead, HeadEnsemble)):
+            if isinstance(module, (TapHead, HeadEnsemble, TapReadout)):
                 module.cfg = self.cfg
         return self
 

@@ -6,7 +6,8 @@ from model.network import BACKBONES, ResMemNetConfig, build_resmemnet, count_par
 
 VARIANTS = [dict(backbone=b) for b in BACKBONES] + [dict(head="linear"), dict(taps="last"),
                                                     dict(teacher_output=True, score_blend=0.8),
-                                                    dict(ensemble=2, teacher_output=True, score_blend=0.8)]
+                                                    dict(ensemble=2, teacher_output=True, score_blend=0.8),
+                                                    dict(head="readout", teacher_output=True, score_blend=0.5)]
 
 
 def test_default_parameter_count_matches_paper():
@@ -156,3 +157,18 @@ def test_trunk_matches_torchvision_resnet(depth):
     images = torch.rand(2, 3, 64, 80)
     with torch.no_grad():
         assert torch.equal(ours(images), theirs(images))
+
+
+def test_readout_head_is_one_linear_map_of_the_concatenated_taps_clamped_to_0_1():
+    model = build_resmemnet(head="readout", teacher_output=True, score_blend=0.25).eval()
+    with torch.no_grad():
+        pooled = model.forward_features(torch.rand(3, 3, 64, 64))
+        flat = torch.cat(pooled, dim=1)
+        assert model.head.out.in_features == flat.shape[1] == sum(model.cfg.tap_channels)
+        outputs = model.head.outputs(pooled)
+        assert torch.allclose(outputs, flat @ model.head.out.weight.T + model.head.out.bias, atol=1e-5)
+        assert torch.allclose(model.head(pooled), (0.25 * outputs[:, 0] + 0.75 * outputs[:, 1]).clamp(0, 1))
+        model.head.out.bias.fill_(5.0)  # a linear map can leave [0, 1]; the score never does
+        assert torch.equal(model.head(pooled), torch.ones(3))
+    with pytest.raises(ValueError, match="ensemble must be 1"):
+        ResMemNetConfig(head="readout", ensemble=2)

@@ -303,6 +303,31 @@ def test_cv_of_a_teacher_output_model_reports_the_whole_blend_curve(workspace, t
     assert "score_blend" in capsys.readouterr().err
 
 
+def test_readout_head_is_fitted_in_closed_form_and_its_checkpoint_scores_images(workspace, tmp_path, capsys):
+    from model.checkpoint import load_checkpoint
+    from model.training.metrics import spearman
+
+    cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], workspace["cache"], [],
+                            teacher=workspace["teacher"])
+    cfg_path.write_text("phases = []\n" + cfg_path.read_text().replace(
+        'backbone = "resnet50"', 'backbone = "resnet50"\nhead = "readout"\nteacher_output = true\nscore_blend = 0.5')
+        + '\n[readout]\nalphas = [0.1, 10.0]\ninner_folds = 3\nlabelled_prior = "teacher"\n')
+    run = tmp_path / "run"
+    assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "readout output 1 (teacher" in err and "readout output 0 (labelled, 76 rows, shrunk towards" in err
+    assert not (run / "log.csv").exists() or not _read_log(run)  # no gradient epochs
+    model, meta = load_checkpoint(run / "tiny.json")
+    assert meta.architecture.head == "readout" and model.head.out.out_features == 2
+    assert meta.architecture.score_scale > 0
+    data = load_lnsim(workspace["lnsim"], verbose=False)
+    from model.scoring import Scorer
+
+    scores = np.array([r.score for r in Scorer(model, meta.preprocessing, device="cpu")
+                       .score_paths(data.paths, batch_size=16, workers=1)])
+    assert spearman(scores, data.scores) > 0.5  # fitted to these images (brightness carries the score)
+
+
 def test_ensemble_members_are_trained_and_saved(workspace, tmp_path):
     from model.checkpoint import load_checkpoint
 
@@ -417,6 +442,11 @@ def test_evaluate_without_splits_reports_all_images(tiny_checkpoint, workspace, 
     (["train", "--set", "model.teacher_output=false"], "needs model.teacher_output = true"),
     (["train", "--set", "model.ensemble=0"], "model.ensemble must be a whole number"),
     (["train", "--set", "model.score_blend=1.5"], "model.score_blend must be in [0, 1]"),
+    (["train", "--config", "paper", "--set", "model.head=readout"], "set phases = []"),
+    (["train", "--set", "readout.alphas=[]"], "readout.alphas"),
+    (["train", "--set", "readout.tap_weighting=depth"], "readout.tap_weighting"),
+    (["train", "--set", "model.teacher_output=false", "--set", "model.score_blend=1.0"],
+     "readout.labelled_prior = 'teacher' needs model.teacher_output = true"),
 ])
 def test_cli_errors_exit_2_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     from app.cli import main as cli_main

@@ -172,8 +172,9 @@ def test_config_overrides_and_roundtrip():
         (10, 1e-3, 1e-2, True), (15, 1e-4, 1e-3, False), (15, 1e-5, 1e-4, False)]
     assert paper.train.batch_size == 24 and paper.optimizer.weight_decay == 1e-4 and paper.optimizer.eps == 1e-6
     default = load_config("default")
-    assert default.model.trunk == "resmem" and len(default.phases) == 1 and default.phases[0].cached
-    assert default.data.teacher.enabled
+    assert default.model.trunk == "resmem" and default.model.head == "readout" and default.phases == []
+    assert default.data.teacher.enabled and default.readout.tap_weighting == "stage"
+    assert tomllib.loads(to_toml(default.to_dict())) == default.to_dict()  # `phases = []` round-trips
 
 
 @pytest.mark.parametrize("override, words", [
@@ -266,3 +267,82 @@ def test_official_splits_are_used():
     assert plan["folds"][0]["val"] == [lab.keys[8], lab.keys[9]]
     plan2 = build_splits(lab, None, folds=3, seed=0, val_fraction=0.0, holdout_fraction=0.1, use_official=False)
     assert [f["name"] for f in plan2["folds"]] == ["fold_1", "fold_2", "fold_3"]
+
+
+# -- the readout head's closed-form fit ---------------------------------------------------------------
+
+def test_readout_fit_equals_the_primal_ridge_solution_on_raw_features():
+    from model.training.readout import TapKernel, fit_ridge, tap_weights
+
+    rng = np.random.default_rng(0)
+    chans, n = [3, 5, 4], 30
+    x = (rng.normal(size=(n, 12)) * rng.uniform(0.5, 3, 12) + rng.normal(size=12)).astype(np.float32)
+    y = x @ rng.normal(size=12) * 0.1 + rng.normal(size=n) * 0.1
+    weights = tap_weights((2, 1), chans, "tap")
+    kernel = TapKernel(x, chans, weights)
+    fit = fit_ridge(kernel, y, np.arange(n), alphas=[0.5])
+    # Primal form of the same problem: standardised, tap-weighted columns, penalty alpha * kernel scale.
+    x64 = x.astype(np.float64)
+    mean, std = x64.mean(0), x64.std(0) + 1e-6
+    cols = np.concatenate([np.full(c, np.sqrt(w / c)) for c, w in zip(chans, weights)])
+    z = (x64 - mean) / std * cols
+    scale = np.trace(z @ z.T) / n
+    beta = np.linalg.solve(z.T @ z + 0.5 * scale * np.eye(12), z.T @ (y - y.mean()))
+    new = rng.normal(size=(7, 12))
+    expected = ((new - mean) / std * cols) @ beta + y.mean()
+    np.testing.assert_allclose(new @ fit.weight + fit.bias, expected, rtol=1e-4, atol=1e-6)
+    assert fit.alpha == 0.5 and fit.inner_rho == {}
+
+
+def test_readout_tap_weights_give_every_stage_the_same_share():
+    from model.backbones import BLOCKS_PER_STAGE
+    from model.network import ResMemNetConfig
+    from model.training.readout import tap_weights
+
+    chans = ResMemNetConfig(backbone="resnet152").tap_channels
+    w = tap_weights(BLOCKS_PER_STAGE["resnet152"], chans, "stage")
+    ends = np.cumsum(BLOCKS_PER_STAGE["resnet152"])
+    shares = [w[lo:hi].sum() for lo, hi in zip(np.concatenate([[0], ends[:-1]]), ends)]
+    np.testing.assert_allclose(shares, 0.25)
+    np.testing.assert_allclose(tap_weights(BLOCKS_PER_STAGE["resnet152"], chans, "channel"), np.array(chans) / sum(chans))
+    assert tap_weights(BLOCKS_PER_STAGE["resnet152"], chans[-1:], "stage").tolist() == [1.0]  # last tap only
+    ends = tap_weights(BLOCKS_PER_STAGE["resnet152"], chans, "stage_ends")
+    assert np.flatnonzero(ends).tolist() == [2, 10, 46, 49]
+    np.testing.assert_allclose(ends[[2, 10, 46, 49]], np.array([256, 512, 1024, 2048]) / 3840)
+    assert np.flatnonzero(tap_weights(BLOCKS_PER_STAGE["resnet152"], chans, "last")).tolist() == [49]
+    with pytest.raises(ValueError, match="tap weighting"):
+        tap_weights((1,), [4], "depth")
+
+
+def test_readout_alpha_is_chosen_by_inner_cv_that_keeps_an_images_rows_together():
+    from model.training.metrics import spearman
+    from model.training.readout import TapKernel, fit_ridge, inner_folds
+
+    groups = np.tile(np.arange(40), 2)  # 40 images, 2 augmentations each
+    fold_of = inner_folds(groups, 5, seed=0)
+    assert all(len(set(fold_of[groups == g])) == 1 for g in range(40))
+    assert sorted(np.bincount(fold_of).tolist()) == [16] * 5
+
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(40, 6))
+    x = np.concatenate([signal, signal + 0.01 * rng.normal(size=(40, 6))]).astype(np.float32)
+    y = np.tile(signal[:, 0] + 0.3 * rng.normal(size=40), 2)
+    fit = fit_ridge(TapKernel(x, [6], np.ones(1)), y, groups, alphas=[1e-3, 1.0, 1e4],
+                    eval_rows=np.arange(80) < 40)
+    assert set(fit.inner_rho) == {1e-3, 1.0, 1e4}
+    assert fit.alpha == max(fit.inner_rho, key=fit.inner_rho.get)
+    assert spearman(x[:40] @ fit.weight + fit.bias, y[:40]) > 0.8
+
+
+def test_readout_with_an_offset_shrinks_towards_the_prior_not_towards_a_constant():
+    from model.training.readout import TapKernel, fit_ridge
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    prior = x[:, :4].astype(np.float64) @ rng.normal(size=4)
+    y = prior + 0.5 * x[:, 5] + 0.05 * rng.normal(size=50)
+    kernel = TapKernel(x, [8], np.ones(1))
+    heavy = fit_ridge(kernel, y, np.arange(50), alphas=[1e9], offset=prior)
+    np.testing.assert_allclose(x @ heavy.weight + heavy.bias + prior, prior + (y - prior).mean(), atol=1e-6)
+    light = fit_ridge(kernel, y, np.arange(50), alphas=[1e-3], offset=prior)
+    assert np.abs(x @ light.weight + light.bias + prior - y).max() < 0.2  # the correction is learned

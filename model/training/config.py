@@ -25,6 +25,8 @@ MAPPINGS = ("quantile", "zscore", "none")
 SELECTIONS = ("last", "best_val")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+HEADS = ("lstm", "linear", "readout")  # as model.network.HEADS, without importing torch here
+TAP_WEIGHTINGS = ("stage", "tap", "channel", "stage_ends", "last")  # as model.training.readout.TAP_WEIGHTINGS
 
 
 class ConfigError(ValueError):
@@ -134,6 +136,19 @@ class TrainConfig:
 
 
 @dataclass
+class ReadoutConfig:
+    """model.head = "readout": closed-form ridge fit (model/training/readout.py)."""
+    alphas: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0])  # chosen by inner CV
+    inner_folds: int = 5
+    # stage: each stage of the trunk weighs the same | tap | channel (plain concatenation) |
+    # stage_ends: only each stage's last block | last: only the last block (ablations)
+    tap_weighting: str = "stage"
+    # none: the labelled output shrinks towards a constant | teacher: towards the teacher output
+    # (needs model.teacher_output; model/training/readout.py)
+    labelled_prior: str = "none"
+
+
+@dataclass
 class CVConfig:
     folds: int = 5
     use_official_splits: bool = True  # LaMem / Isola: their published splits instead of k folds
@@ -164,6 +179,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
@@ -369,7 +385,7 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     _choice(m.trunk, TRUNKS, "model.trunk")
     _choice(m.backbone, tuple(BLOCKS_PER_STAGE), "model.backbone")
-    _choice(m.head, ("lstm", "linear"), "model.head")
+    _choice(m.head, HEADS, "model.head")
     _choice(m.taps, ("all", "last"), "model.taps")
     _choice(m.input_scaling, ("imagenet", "unit"), "model.input_scaling")
     if m.trunk == "file" and not m.trunk_path:
@@ -395,7 +411,24 @@ def validate(cfg: Config) -> None:
     if p.size < 32 or p.multiple < 1 or p.max_aspect < 1:
         raise ConfigError("preprocessing: size >= 32, multiple >= 1 and max_aspect >= 1 are required")
 
-    if not any(ph.epochs > 0 for ph in cfg.phases):
+    r = cfg.readout
+    if not r.alphas or any(not (a > 0 and math.isfinite(a)) for a in r.alphas):
+        raise ConfigError("readout.alphas must be a non-empty list of positive numbers")
+    if r.inner_folds < 2:
+        raise ConfigError("readout.inner_folds must be >= 2")
+    _choice(r.tap_weighting, TAP_WEIGHTINGS, "readout.tap_weighting")
+    _choice(r.labelled_prior, ("none", "teacher"), "readout.labelled_prior")
+    if r.labelled_prior == "teacher" and m.head == "readout" and not m.teacher_output:
+        raise ConfigError("readout.labelled_prior = 'teacher' needs model.teacher_output = true")
+    if m.head == "readout":
+        if m.ensemble != 1:
+            raise ConfigError("model.head = 'readout' is fitted in closed form: model.ensemble must be 1")
+        if cfg.trunk_trained:
+            raise ConfigError("model.head = 'readout' is fitted on the frozen trunk's cached features: "
+                              "set phases = [] (or only frozen phases)")
+        if any(not ph.cached for ph in cfg.phases):
+            raise ConfigError("model.head = 'readout' needs cached features: every phase must have cached = true")
+    elif not any(ph.epochs > 0 for ph in cfg.phases):
         raise ConfigError("phases: no phase has epochs > 0")
     trunk_changed = False
     for i, ph in enumerate(cfg.phases):

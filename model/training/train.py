@@ -625,6 +625,12 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few input shapes: autotuned convolutions pay off
     head_only = not cfg.trunk_trained  # the trunk can be rebuilt from its source while it is never trained
+    if model.cfg.head == "readout":
+        readout = fit_readout_head(model, pool, spec, cfg, device, log=log)
+        model.eval()
+        if model.cfg.teacher_output:
+            calibrate_score(model, pool, spec, cfg, loader, device, False, log=log)
+        return {"epoch": 0, "trunk_changed": False, "history": history, "best": None, "readout": readout}
     schedule = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
     writer = _tensorboard(spec.dir)
     optimizer = scaler = None
@@ -705,6 +711,70 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
     return {"epoch": chosen, "trunk_changed": trunk_changed, "history": history, "best": best}
 
 
+def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=print) -> dict:
+    """Fit the readout head's outputs in closed form (model/training/readout.py) on the cached
+    features of the training rows, every augmentation a row: output 0 on the labelled images (or
+    on every row, teacher rows weighted, without a teacher output), output 1 on the teacher rows.
+    With readout.labelled_prior = "teacher", output 0 is fitted as a correction of output 1."""
+    import torch
+
+    from ..backbones import BLOCKS_PER_STAGE
+    from .readout import TapKernel, fit_ridge, tap_weights
+
+    if pool.features is None:
+        raise TrainError("model.head = 'readout' is fitted on cached features: the trunk must stay frozen")
+    augs = pool.features.augmentations
+    plain = augs.index("none") if "none" in augs else 0
+    train = spec.train_idx
+    is_teacher = train >= pool.n_labelled
+    # (output, name, images); the teacher output first: the labelled one may use it as its prior.
+    if model.cfg.teacher_output:
+        jobs = [(1, "teacher", train[is_teacher]), (0, "labelled", train[~is_teacher])]
+    else:
+        jobs = [(0, "labelled", train)]
+    weights = tap_weights(BLOCKS_PER_STAGE[model.cfg.backbone], model.cfg.tap_channels, cfg.readout.tap_weighting)
+    head = model.head
+    fitted, coef = {}, {}
+    for out, name, idx in jobs:
+        if len(idx) < max(cfg.readout.inner_folds, 3):
+            raise TrainError(f"{spec.name}: {len(idx)} {name} training images are too few for the readout fit")
+        start = time.perf_counter()
+        x = np.concatenate([pool.features.rows(idx, a) for a in range(len(augs))])
+        y = np.tile(spec.targets[idx], len(augs))
+        prior = None
+        if name == "labelled" and cfg.readout.labelled_prior == "teacher":
+            w_t, b_t = coef[1]
+            teacher_pred = x.astype(np.float64) @ w_t + b_t
+            scale, shift = np.polyfit(teacher_pred, y, 1)  # the teacher output on the labelled scale
+            prior = scale * teacher_pred + shift
+        kernel = TapKernel(x, model.cfg.tap_channels, weights)
+        del x
+        fit = fit_ridge(kernel, y, np.tile(idx, len(augs)), alphas=cfg.readout.alphas,
+                        folds=cfg.readout.inner_folds, seed=cfg.train.seed,
+                        sample_weight=np.tile(spec.weights[idx], len(augs)),
+                        eval_rows=np.repeat(np.arange(len(augs)) == plain, len(idx)), offset=prior)
+        del kernel
+        weight, bias = fit.weight, fit.bias
+        if prior is not None:
+            weight, bias = weight + scale * w_t, bias + scale * b_t + shift
+        coef[out] = (weight, bias)
+        with torch.no_grad():
+            head.out.weight[out] = torch.from_numpy(weight).to(head.out.weight)
+            head.out.bias[out] = float(bias)
+        fitted[name] = {"rows": int(len(idx) * len(augs)), "alpha": fit.alpha,
+                        "inner_cv_spearman": {str(a): r for a, r in fit.inner_rho.items()},
+                        "seconds": time.perf_counter() - start}
+        if prior is not None:
+            fitted[name]["teacher_prior"] = {"scale": float(scale), "shift": float(shift)}
+        inner = ", ".join(f"{a:g}: {r:.4f}" for a, r in fit.inner_rho.items())
+        log(f"{spec.name}: readout output {out} ({name}, {fitted[name]['rows']} rows"
+            + (f", shrunk towards {scale:.3f} x teacher output + {shift:.3f}" if prior is not None else "")
+            + f") alpha {fit.alpha:g}" + (f" (inner-CV rho {inner})" if inner else "")
+            + f", {fitted[name]['seconds']:.0f} s")
+    model.to(device)
+    return fitted
+
+
 def _tensorboard(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -771,12 +841,12 @@ def prepare_pool(cfg: Config, run_dir: Path, labelled: ScoredImages, teacher: Sc
 
 
 def attach_features(cfg: Config, pool: Pool, model, source, preprocessing, device, log=print) -> None:
-    """Build or load the frozen trunk's feature cache, when a cached phase needs it."""
+    """Build or load the frozen trunk's feature cache, when a cached phase or a readout head needs it."""
     import hashlib
 
     from .features import cache_key, cached_features
 
-    if not any(ph.cached and ph.epochs > 0 for ph in cfg.phases):
+    if not (cfg.model.head == "readout" or any(ph.cached and ph.epochs > 0 for ph in cfg.phases)):
         return
     trunk_id = cfg.data.cache_trunk_id or trunk_identity(source, cfg)
     augs = cfg.data.augmentations
