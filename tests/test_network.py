@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.network import BACKBONES, ResMemNetConfig, build_resmemnet, count_parameters
+from model.network import BACKBONES, ResMemNetConfig, build_resmemnet, count_parameters, soft_clamp
 
 VARIANTS = [dict(backbone=b) for b in BACKBONES] + [dict(head="linear"), dict(taps="last"),
                                                     dict(teacher_output=True, score_blend=0.8),
@@ -49,7 +49,7 @@ def test_score_calibration_is_affine_clamped_and_keeps_the_ranking():
         raw = model.head(pooled)
         model.set_score_calibration(2.0, -0.4)
         assert model.cfg.score_scale == 2.0 and model.head.cfg is model.cfg
-        assert torch.allclose(model.head(pooled), (2.0 * raw - 0.4).clamp(0, 1))
+        assert torch.allclose(model.head(pooled), soft_clamp(2.0 * raw - 0.4))
         assert torch.equal(torch.argsort(model.head(pooled)), torch.argsort(raw))  # raw scores sit near 0.5: no clamping
         model.set_score_calibration()
         assert torch.equal(model.head(pooled), raw)
@@ -167,8 +167,25 @@ def test_readout_head_is_one_linear_map_of_the_concatenated_taps_clamped_to_0_1(
         assert model.head.out.in_features == flat.shape[1] == sum(model.cfg.tap_channels)
         outputs = model.head.outputs(pooled)
         assert torch.allclose(outputs, flat @ model.head.out.weight.T + model.head.out.bias, atol=1e-5)
-        assert torch.allclose(model.head(pooled), (0.25 * outputs[:, 0] + 0.75 * outputs[:, 1]).clamp(0, 1))
-        model.head.out.bias.fill_(5.0)  # a linear map can leave [0, 1]; the score never does
-        assert torch.equal(model.head(pooled), torch.ones(3))
+        assert torch.allclose(model.head(pooled), soft_clamp(0.25 * outputs[:, 0] + 0.75 * outputs[:, 1]))
+        model.head.out.bias.fill_(1.5)  # a linear map can leave [0, 1]; the score never does
+        high = model.head(pooled)
+        assert ((high > 0.9) & (high < 1)).all()
+        raised = model.head.outputs(pooled)
+        assert torch.equal(torch.argsort(high), torch.argsort(0.25 * raised[:, 0] + 0.75 * raised[:, 1]))  # no ties
     with pytest.raises(ValueError, match="ensemble must be 1"):
         ResMemNetConfig(head="readout", ensemble=2)
+
+
+def test_soft_clamp_is_the_identity_inside_its_knees_and_strictly_increasing_into_0_1():
+    x = torch.linspace(-30, 40, 70001, dtype=torch.float64, requires_grad=True)
+    y = soft_clamp(x)
+    inside = (x >= 0.1) & (x <= 0.9)
+    assert torch.equal(y[inside], x[inside])
+    assert ((y > 0) & (y < 1)).all() and (y.diff() > 0).all()
+    y.sum().backward()
+    assert (x.grad > 0).all() and x.grad.max() <= 1 + 1e-12  # smooth at the knees, never flat
+    knees = torch.tensor([0.1 - 1e-9, 0.1 + 1e-9, 0.9 - 1e-9, 0.9 + 1e-9], dtype=torch.float64)
+    assert torch.allclose(soft_clamp(knees), knees, atol=1e-8)
+    far = soft_clamp(torch.tensor([1.5, 1.6, 3.0, 10.0, -5.0, -4.0]))  # float32 keeps them apart
+    assert far.unique().numel() == 6 and (far[:4].diff() > 0).all() and far[4] < far[5]

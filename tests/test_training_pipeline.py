@@ -260,6 +260,7 @@ def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(workspace, t
 
 def test_teacher_output_is_trained_on_teacher_rows_and_blended_into_the_score(workspace, tmp_path, capsys):
     from model.checkpoint import load_checkpoint
+    from model.network import soft_clamp
 
     cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], workspace["cache"],
                             [("frozen", 4, 1e-3, 1e-2, True, True)], teacher=workspace["teacher"],
@@ -281,7 +282,7 @@ def test_teacher_output_is_trained_on_teacher_rows_and_blended_into_the_score(wo
         pooled = model.forward_features(torch.rand(3, 3, 32, 32))
         both = model.head.outputs(pooled)
         blended = 0.7 * both[:, 0] + 0.3 * both[:, 1]
-        expected = (arch.score_scale * blended + arch.score_shift).clamp(0, 1)
+        expected = soft_clamp(arch.score_scale * blended + arch.score_shift)
         assert torch.allclose(model.head(pooled), expected, atol=1e-6)
 
 
@@ -445,7 +446,8 @@ def test_evaluate_without_splits_reports_all_images(tiny_checkpoint, workspace, 
     (["train", "--config", "paper", "--set", "model.head=readout"], "set phases = []"),
     (["train", "--set", "readout.alphas=[]"], "readout.alphas"),
     (["train", "--set", "readout.tap_weighting=depth"], "readout.tap_weighting"),
-    (["train", "--set", "model.teacher_output=false", "--set", "model.score_blend=1.0"],
+    (["train", "--set", "model.teacher_output=false", "--set", "model.score_blend=1.0",
+      "--set", "readout.labelled_prior=teacher"],
      "readout.labelled_prior = 'teacher' needs model.teacher_output = true"),
 ])
 def test_cli_errors_exit_2_without_traceback(args, message, capsys, tmp_path, monkeypatch):
