@@ -145,8 +145,11 @@ def run_info(args) -> int:
         print(json.dumps(info, indent=2))
         return EXIT_OK
     print(f"{meta.name} {meta.version}: {meta.description}")
-    print(f"architecture: {meta.architecture.backbone}, head={meta.architecture.head}, taps={meta.architecture.taps}, "
-          f"proj={meta.architecture.proj_dim}, hidden={meta.architecture.hidden_size}")
+    arch = meta.architecture
+    sizes = "" if arch.head == "readout" else f", proj={arch.proj_dim}, hidden={arch.hidden_size}"
+    outputs = f", outputs={arch.n_outputs} (score = {arch.score_blend:g} x labelled + {1 - arch.score_blend:g} x teacher)" \
+        if arch.teacher_output else ""
+    print(f"architecture: {arch.backbone}, head={arch.head}, taps={arch.taps}{sizes}{outputs}")
     p = info["parameters"]
     print(f"parameters: {p['total']:,} (trunk {p['trunk']:,}, head {p['head']:,})")
     print(f"preprocessing: {json.dumps(meta.preprocessing.to_dict())}")

@@ -1028,7 +1028,8 @@ def read_cv_results(path) -> dict:
 
 
 def cv_summary(report: dict) -> dict:
-    return {k: report.get(k) for k in ("dataset", "splits", "mean", "std", "top_bottom", "splits_file", "run_dir")}
+    keys = ("dataset", "splits", "mean", "std", "top_bottom", "splits_file", "run_dir", "blend_curve")
+    return {k: report[k] for k in keys if k in report}
 
 
 def provenance(run_info: dict) -> dict:
