@@ -320,6 +320,8 @@ def test_readout_head_is_fitted_in_closed_form_and_its_checkpoint_scores_images(
     assert not (run / "log.csv").exists() or not _read_log(run)  # no gradient epochs
     model, meta = load_checkpoint(run / "tiny.json")
     assert meta.architecture.head == "readout" and model.head.out.out_features == 2
+    chosen = meta.training["readout"]  # the penalty each output's inner CV chose, and its curve
+    assert chosen["labelled"]["alpha"] in (0.1, 10.0) and set(chosen["teacher"]["inner_cv_spearman"]) == {"0.1", "10.0"}
     assert meta.architecture.score_scale > 0
     data = load_lnsim(workspace["lnsim"], verbose=False)
     from model.scoring import Scorer

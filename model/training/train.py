@@ -771,7 +771,6 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
             + (f", shrunk towards {scale:.3f} x teacher output + {shift:.3f}" if prior is not None else "")
             + f") alpha {fit.alpha:g}" + (f" (inner-CV rho {inner})" if inner else "")
             + f", {fitted[name]['seconds']:.0f} s")
-    model.to(device)
     return fitted
 
 
@@ -1001,6 +1000,7 @@ def write_checkpoint(cfg: Config, run_dir: Path, pool: Pool, spec: RunSpec, mode
                       if pool.teacher is not None else {}),
                    **spec.counts(pool)},
         "epochs": summary["epoch"],
+        **({"readout": summary["readout"]} if summary.get("readout") else {}),
         "splits_file": pool.plan.get("source", ""),
         "config": cfg.to_dict(),
     }
