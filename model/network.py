@@ -218,9 +218,7 @@ def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
         score = outputs[:, 0]
     else:
         score = cfg.score_blend * outputs[:, 0] + (1.0 - cfg.score_blend) * outputs[:, 1]
-    if not (cfg.score_scale == 1.0 and cfg.score_shift == 0.0):
-        score = cfg.score_scale * score + cfg.score_shift
-    return soft_clamp(score)  # a linear readout or a calibration can leave [0, 1]
+    return soft_clamp(cfg.score_scale * score + cfg.score_shift)  # a linear readout or a calibration can leave [0, 1]
 
 
 class HeadEnsemble(nn.Module):

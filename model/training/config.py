@@ -25,8 +25,6 @@ MAPPINGS = ("quantile", "zscore", "none")
 SELECTIONS = ("last", "best_val")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
-HEADS = ("lstm", "linear", "readout")  # as model.network.HEADS, without importing torch here
-TAP_WEIGHTINGS = ("stage", "tap", "channel", "stage_ends", "last")  # as model.training.readout.TAP_WEIGHTINGS
 
 
 class ConfigError(ValueError):
@@ -358,7 +356,9 @@ def _choice(value, choices, where):
 
 def validate(cfg: Config) -> None:
     from ..backbones import BLOCKS_PER_STAGE
+    from ..network import HEADS
     from .features import AUGMENTATIONS
+    from .readout import TAP_WEIGHTINGS
 
     d = cfg.data
     _choice(d.labelled.kind, DATASET_KINDS, "data.labelled.kind")

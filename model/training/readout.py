@@ -32,12 +32,14 @@ def tap_weights(blocks_per_stage, tap_channels: list[int], weighting: str) -> np
     all_taps = len(chans) == sum(blocks_per_stage)
     if weighting == "channel":  # plain ridge on the concatenation: wide taps weigh more
         w = chans
-    elif weighting in ("stage_ends", "last") and all_taps:
-        w = np.zeros(len(chans))
-        ends = np.cumsum(blocks_per_stage) - 1
-        w[ends if weighting == "stage_ends" else ends[-1:]] = chans[ends if weighting == "stage_ends" else ends[-1:]]
     elif weighting in ("stage_ends", "last"):
-        w = np.ones(len(chans))
+        if all_taps:
+            ends = np.cumsum(blocks_per_stage) - 1
+            kept = ends if weighting == "stage_ends" else ends[-1:]
+            w = np.zeros(len(chans))
+            w[kept] = chans[kept]
+        else:
+            w = np.ones(len(chans))
     elif weighting == "tap":
         w = np.ones(len(chans))
     elif weighting == "stage":
