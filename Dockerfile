@@ -2,19 +2,25 @@
 #   docker build -t resmemnet .
 #   docker run --gpus all -p 8000:8000 resmemnet               (GPU)
 #   docker run -p 8000:8000 -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: same image, CPU inference)
-# The container runs `resmemnet serve`, configured by the RESMEMNET_* variables below (see README).
-# Only the paths named in COPY are used; BuildKit sends nothing else of the build context.
+# The container runs `resmemnet serve`, configured by the RESMEMNET_* variables below (docs/api.md).
+# .dockerignore keeps the virtual environment, runs and caches out of the build context.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
+# The project's one Python version (pyproject, Makefile, CI). Ubuntu 24.04 ships 3.12, so the build
+# installs a standalone CPython 3.11 with uv and copies it into the runtime image.
+ARG PYTHON_VERSION=3.11
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
 
-# ---- build: a virtual environment with torch (CUDA 13 build, as the Makefile pins) and the package
+FROM ${UV_IMAGE} AS uv
+
+# ---- build: Python 3.11, a virtual environment with torch (CUDA 13 build, as the Makefile pins) and the package
 FROM ${CUDA_IMAGE} AS build
-ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
+ARG PYTHON_VERSION
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PYTHON_INSTALL_DIR=/opt/python UV_PYTHON_PREFERENCE=only-managed
+COPY --from=uv /uv /usr/local/bin/uv
+RUN uv python install "${PYTHON_VERSION}" \
+ && uv venv --seed --python "${PYTHON_VERSION}" /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first: the largest layer, reused while only the code changes.
 RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
@@ -27,15 +33,11 @@ COPY model ./model
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[trunks]"
 
-# ---- runtime: the same CUDA runtime base, the venv, the weights, a non-root user
+# ---- runtime: the same CUDA runtime base, the Python and venv, the weights, a non-root user
 FROM ${CUDA_IMAGE}
-ENV DEBIAN_FRONTEND=noninteractive
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 resmemnet \
+RUN groupadd --system --gid 10001 resmemnet \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin resmemnet
+COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
 COPY weights /opt/resmemnet/weights
 ENV PATH=/opt/venv/bin:$PATH \

