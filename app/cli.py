@@ -1,24 +1,74 @@
-"""`resmemnet` command line: one entry point, one module per group of subcommands."""
+"""`resmemnet` command line: one entry point, one module per group of subcommands.
+
+Start-up is kept light: `resmemnet`, `--help` and `--version` import no subcommand module (they
+pull in torch, seconds of import), and `resmemnet COMMAND ...` imports only the module that
+defines COMMAND. COMMANDS names every command's module and one-line help for that; a test
+checks it against what the modules register.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# command -> (module that registers it, its one-line help), in the order `--help` lists them
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("app.cli_score", "score image files and folders"),
+    "info": ("app.cli_score", "print a checkpoint's metadata, parameter count and metrics"),
+    "serve": ("app.cli_serve", "run the HTTP scoring service"),
+    "heatmap": ("app.cli_heatmap", "write Grad-RAM heatmap overlays for images"),
+    "train": ("model.training.cli", "train ResMem-Net (phased recipe, cross-validation, checkpoint)"),
+    "evaluate": ("model.training.cli",
+                 "score a dataset with a checkpoint and report rho, r, MSE, top/bottom table"),
+    "export": ("app.cli_export", "write the model as ONNX or as a Triton model repository"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from app import cli_heatmap, cli_score, cli_serve
-    from model.training import cli as training_cli
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), without importing the model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("resmemnet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `only` a command name: that command's module registers its real
+    subparser(s) and every other command gets a stub carrying its help line (no import)."""
     parser = argparse.ArgumentParser(prog="resmemnet", description="ResMem-Net image memorability")
+    parser.add_argument("--version", action="version", version=f"resmemnet {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cli_score, cli_serve, cli_heatmap, training_cli):
-        module.register(sub)
+    modules = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
+    if only is not None:
+        modules = [COMMANDS[only][0]] if only in COMMANDS else []
+    for name in modules:
+        importlib.import_module(name).register(sub)
+    for command, (_, text) in COMMANDS.items():
+        if command not in sub.choices:
+            sub.add_parser(command, help=text)
     return parser
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is not an option), if any."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    # Without a known command this parse ends in --help, --version or a usage error.
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # a stub matched: the command word came after an option
+        parser.error(f"put the command first: resmemnet {args.command} [OPTIONS]")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
