@@ -123,6 +123,11 @@ class DynamicBatcher:
                 self._fail_all(BatcherClosedError("the server shut down before this image was scored"))
         self.executor.shutdown(wait=False)
 
+    def attach_metrics(self, metrics) -> None:
+        """Start reporting to `metrics` (passes before this, e.g. warm-up, are not counted)."""
+        self.metrics = metrics
+        self._update_depth()
+
     @property
     def closing(self) -> bool:
         return self._closing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from .errors import error_body
+from .errors import error_body, mark_error
 
 
 class BodyTooLarge(Exception):
@@ -18,10 +18,9 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app, limit_for: Callable[[str], int | None], on_reject: Callable[[], None] | None = None):
+    def __init__(self, app, limit_for: Callable[[str], int | None]):
         self.app = app
         self.limit_for = limit_for
-        self.on_reject = on_reject or (lambda: None)
 
     async def __call__(self, scope, receive, send):
         limit = self.limit_for(scope["path"]) if scope["type"] == "http" else None
@@ -30,7 +29,7 @@ class BodyLimitMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await self._reject(send, limit, declared)
+            await self._reject(scope, send, limit, declared)
             return
 
         state = {"received": 0, "exceeded": False, "answered": False, "started": False}
@@ -49,7 +48,7 @@ class BodyLimitMiddleware:
                 # Swallow the app's own answer to the aborted parse; send ours instead.
                 if message["type"] == "http.response.start" and not state["answered"]:
                     state["answered"] = True
-                    await self._reject(send, limit, None)
+                    await self._reject(scope, send, limit, None)
                 return
             if message["type"] == "http.response.start":
                 state["started"] = True
@@ -60,16 +59,17 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not state["answered"] and not state["started"]:
                 state["answered"] = True
-                await self._reject(send, limit, None)
+                await self._reject(scope, send, limit, None)
         except Exception:
             if not state["exceeded"]:
                 raise
             if not state["answered"] and not state["started"]:
                 state["answered"] = True
-                await self._reject(send, limit, None)
+                await self._reject(scope, send, limit, None)
 
-    async def _reject(self, send, limit: int, declared: int | None) -> None:
-        self.on_reject()
+    async def _reject(self, scope, send, limit: int, declared: int | None) -> None:
+        # replaces whatever reason the swallowed answer recorded: the request is counted once, as a 413
+        mark_error(scope, "upload_too_large")
         told = f"is {declared} bytes" if declared is not None else "goes on past the limit"
         body = json.dumps(error_body(413, "upload_too_large", f"the request body {told}; this endpoint takes at most "
                                      f"{limit} bytes (the upload limit plus multipart framing)")).encode()

@@ -3,8 +3,10 @@
     {"error": {"status": 415, "reason": "not_an_image", "message": "not an image format ..."}}
 
 `reason` is a stable machine-readable code (the table in REASONS), `message` is for people.
-Every error the service answers passes through `error_response`, which also counts it in
-`resmemnet_errors_total{reason=...}`.
+Every error answer records its reason in the request's ASGI scope (`mark_error`); the metrics
+middleware counts it once, when the answer has gone out, in `resmemnet_errors_total{reason=...}`.
+So a reason recorded twice on one request (a 400 replaced by the body limit's 413) is still
+counted once, under the reason of the answer the client got.
 """
 from __future__ import annotations
 
@@ -21,8 +23,13 @@ log = logging.getLogger("resmemnet.service")
 REASONS: dict[str, tuple[int, str]] = {
     "invalid_request": (422, "missing or misnamed multipart field (images go in `file`, or `files` for /score/batch), "
                              "or a query parameter out of range"),
+    "unexpected_field": (422, "a multipart field or query parameter the endpoint does not take (it is refused, "
+                              "not silently ignored)"),
+    "multiple_files": (422, "several files in a one-image endpoint (/score, /heatmap); send them to /score/batch "
+                            "in repeated field `files`"),
     "empty": (422, "the uploaded file has 0 bytes"),
     "corrupt": (422, "the file looks like an image but cannot be decoded (truncated, damaged)"),
+    "non_finite": (422, "a float image with NaN or infinite samples where too many are NaN to judge it"),
     "not_an_image": (415, "the file is not in an image format the server can read"),
     "upload_too_large": (413, "a file or the request body is larger than the upload limit"),
     "too_many_pixels": (413, "the image has more pixels than the limit (decompression-bomb guard)"),
@@ -39,7 +46,7 @@ REASONS: dict[str, tuple[int, str]] = {
 }
 
 # ImageDecodeError.reason -> our reason (the same codes, plus the file-level ones).
-DECODE_REASONS = {"empty", "corrupt", "not_an_image", "too_many_pixels"}
+DECODE_REASONS = {"empty", "corrupt", "not_an_image", "too_many_pixels", "non_finite"}
 
 HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "upload_too_large",
                        415: "not_an_image", 422: "invalid_request", 503: "not_ready", 504: "deadline_exceeded"}
@@ -69,7 +76,18 @@ def error_body(status: int, reason: str, message: str) -> dict:
     return {"error": {"status": status, "reason": reason, "message": message}}
 
 
-def count_error(request_or_app, reason: str) -> None:
+SCOPE_REASON = "resmemnet.error_reason"
+SCOPE_UNCOUNTED = "resmemnet.error_uncounted"
+SCOPE_FORM_FIELDS = "resmemnet.form_fields"
+
+
+def mark_error(scope: dict, reason: str) -> None:
+    """Record the reason of the error this request is answered with (the last one recorded wins)."""
+    scope[SCOPE_REASON] = reason
+
+
+def count_file_error(request_or_app, reason: str) -> None:
+    """Count one failed file of a /score/batch request (the request itself answers 200)."""
     app = getattr(request_or_app, "app", request_or_app)
     metrics = getattr(getattr(app, "state", None), "metrics", None)
     if metrics is not None:
@@ -79,18 +97,30 @@ def count_error(request_or_app, reason: str) -> None:
 def error_response(request: Request | None, status: int, reason: str, message: str, *,
                    retry_after: int | None = None) -> JSONResponse:
     if request is not None:
-        count_error(request, reason)
+        mark_error(request.scope, reason)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(error_body(status, reason, message), status_code=status, headers=headers)
 
 
-def _describe_validation(errors) -> str:
+def reason_for_status(status: int) -> str:
+    """The reason an error answer with no recorded reason is counted under."""
+    return HTTP_STATUS_REASONS.get(status, "bad_request" if status < 500 else "internal")
+
+
+def _describe_validation(errors, received: list[str] | None = None) -> str:
     parts = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         where = ".".join(loc) or "request"
-        if err.get("type") == "missing" and err.get("loc", ("",))[0] == "body":
-            parts.append(f"multipart field {where!r} is required")
+        in_body = err.get("loc", ("",))[0] == "body"
+        if err.get("type") == "missing" and in_body:
+            got = (f" (this request's fields: {', '.join(map(repr, received))})" if received
+                   else " (this request had no multipart fields)" if received is not None else "")
+            parts.append(f"multipart field {where!r} is required{got}")
+        elif in_body and "UploadFile" in str(err.get("msg", "")):
+            # curl -F file=<photo.jpg (no @) sends the bytes as a text value, without a file name
+            parts.append(f"multipart field {where!r} was sent as a text value, not as a file (with curl: "
+                         f"-F {where}=@photo.jpg, with the @)")
         else:
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
     hint = ("; send the image as multipart/form-data in field 'file' (or repeated 'files' for /score/batch)"
@@ -105,11 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(request, 422, "invalid_request", _describe_validation(exc.errors()))
+        return error_response(request, 422, "invalid_request",
+                              _describe_validation(exc.errors(), request.scope.get(SCOPE_FORM_FIELDS)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        reason = HTTP_STATUS_REASONS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+        reason = reason_for_status(exc.status_code)
         message = str(exc.detail) if exc.detail else reason
         if exc.status_code == 404:
             message = f"no endpoint at {request.url.path}; see /docs"

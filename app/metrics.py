@@ -1,8 +1,10 @@
 """Prometheus metrics of one service instance, in a registry of its own.
 
 A registry per app (not the global default) keeps several apps in one process, as in the
-tests, from clashing. `MetricsMiddleware` times every HTTP request by endpoint template and
-status, so label values stay few (unknown paths are labelled "unmatched").
+tests, from clashing. `MetricsMiddleware` counts every HTTP request exactly once, and every error
+answer exactly once (under the reason recorded by app.errors.mark_error), with bounded labels:
+endpoint = the route template the path matches (also for 405s, mounts and the docs pages) or
+"unmatched"; method = one of METHODS or "other"; status = the status sent.
 """
 from __future__ import annotations
 
@@ -53,30 +55,78 @@ class ServiceMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def endpoint_label(scope) -> str:
+# Methods get their own label value; anything a client invents is "other" (bounded cardinality).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def endpoint_label(scope, routes=()) -> str:
+    """The template of the route `scope` goes to: a full match, else a path match (405), else "unmatched"."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if path else "unmatched"
+    if getattr(route, "path", None):
+        return route.path
+    full, partial = _match(scope, routes, "")
+    return full or partial or "unmatched"
+
+
+def _match(scope, routes, prefix: str) -> tuple[str | None, str | None]:
+    from starlette.routing import Match
+
+    partial = None
+    for candidate in routes:
+        inner = getattr(candidate, "original_router", None)  # FastAPI's include_router() entry
+        if inner is not None:
+            sub = getattr(getattr(candidate, "include_context", None), "prefix", "") or ""
+            if sub and not scope["path"].startswith(sub):
+                continue
+            child = {**scope, "path": scope["path"][len(sub):]} if sub else scope
+            full, part = _match(child, inner.routes, prefix + sub)
+            if full:
+                return full, None
+            partial = partial or part
+            continue
+        try:
+            match, _ = candidate.matches(scope)
+        except Exception:  # a route that cannot judge this scope does not match it
+            continue
+        path = getattr(candidate, "path", None)
+        if path is None:
+            continue
+        if match == Match.FULL:
+            return prefix + path, None
+        if match == Match.PARTIAL and partial is None:
+            partial = prefix + path
+    return None, partial
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware (no BaseHTTPMiddleware: that would buffer bodies and break streaming)."""
+    """Pure ASGI middleware (no BaseHTTPMiddleware: that would buffer bodies and break streaming).
 
-    def __init__(self, app, metrics: ServiceMetrics):
+    Outermost of the app's own middleware, so it sees every answer: the body limit's 413s, the
+    shutdown guard's 503s and the 500 of an unhandled exception (answered by Starlette outside it).
+    """
+
+    def __init__(self, app, metrics: ServiceMetrics, routes=None):
         self.app = app
         self.metrics = metrics
+        self.routes = routes or (lambda: ())
 
     async def __call__(self, scope, receive, send):
+        from .errors import SCOPE_REASON, SCOPE_UNCOUNTED, reason_for_status
+
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = {"code": 500}
-        # The route is only known after routing; count in-flight under the raw path's endpoint later.
-        in_flight = self.metrics.requests_in_flight.labels(endpoint=_guess_endpoint(scope["path"]))
+        status = {"code": None}
+        endpoint = endpoint_label(scope, self.routes())
+        in_flight = self.metrics.requests_in_flight.labels(endpoint=endpoint)
         in_flight.inc()
 
         async def send_wrapper(message):
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and status["code"] is None:
                 status["code"] = message["status"]
             await send(message)
 
@@ -84,13 +134,10 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             in_flight.dec()
+            # nothing sent: an exception is on its way to Starlette's 500 handler (or the task was cut)
+            code = status["code"] if status["code"] is not None else 500
             self.metrics.request_latency.labels(
-                endpoint=endpoint_label(scope), method=scope["method"], status=str(status["code"]),
+                endpoint=endpoint, method=method_label(scope.get("method", "")), status=str(code),
             ).observe(time.perf_counter() - start)
-
-
-KNOWN_PATHS = ("/score/batch", "/score", "/heatmap", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
-
-
-def _guess_endpoint(path: str) -> str:
-    return path if path in KNOWN_PATHS else "unmatched"
+            if code >= 400 and not scope.get(SCOPE_UNCOUNTED):
+                self.metrics.errors.labels(reason=scope.get(SCOPE_REASON) or reason_for_status(code)).inc()

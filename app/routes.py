@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from .batcher import BatcherClosedError, QueueFullError
-from .errors import ServiceError, count_error, error_body, from_decode_error
+from .errors import SCOPE_FORM_FIELDS, SCOPE_UNCOUNTED, ServiceError, count_file_error, error_body, from_decode_error
 from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, ModelInfo, ReadyResponse, ScoreResponse,
                       Timing, error_responses)
 
@@ -31,6 +31,46 @@ class Prepared:
 
 def _state(request: Request):
     return request.app.state.service
+
+
+# -- what a request may carry ---------------------------------------------------------------
+def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
+    """A dependency refusing what the endpoint would otherwise drop without a word: repeated
+    one-image fields (422 multiple_files), other multipart fields and unknown or repeated query
+    parameters (422 unexpected_field / invalid_request). FastAPI parses the form before any
+    dependency runs; `request.form()` returns that parsed form, it does not read the body again."""
+
+    async def check(request: Request) -> None:
+        for name in sorted({k for k, _ in request.query_params.multi_items()}):
+            if name not in query:
+                allowed = f"it takes {', '.join(query)}" if query else "it takes none"
+                raise ServiceError("unexpected_field", f"query parameter {name!r} is not known to "
+                                   f"{request.url.path} ({allowed}); it is refused rather than ignored")
+            given = request.query_params.getlist(name)
+            if len(given) > 1:
+                raise ServiceError("invalid_request", f"query parameter {name!r} is given {len(given)} times "
+                                   f"({', '.join(map(repr, given))}); give it once")
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            return  # FastAPI reports the missing field
+        form = await request.form()
+        names = [k for k, _ in form.multi_items()]
+        request.scope[SCOPE_FORM_FIELDS] = sorted(set(names))
+        if field not in names:
+            return  # FastAPI answers 422 invalid_request, naming the fields that did come
+        others = sorted(set(names) - {field})
+        if others:
+            raise ServiceError("unexpected_field", f"multipart field(s) {', '.join(map(repr, others))} are not taken by "
+                               f"{request.url.path}; it takes only {field!r}"
+                               + ("" if many else " (one image; several images go to /score/batch in field 'files')"))
+        count = names.count(field)
+        if not many and count > 1:
+            files = [getattr(v, "filename", None) or "(no name)" for v in form.getlist(field)]
+            raise ServiceError("multiple_files", f"{count} files were sent in field {field!r} ({', '.join(files)}), "
+                               f"but {request.url.path} scores one image per request; send several images to "
+                               f"/score/batch in repeated field 'files', or one request per image")
+
+    return Depends(check)
 
 
 # -- shared steps ----------------------------------------------------------------------------
@@ -111,7 +151,8 @@ def _timing(prepared: Prepared, result, total_s: float) -> Timing:
 # -- scoring ---------------------------------------------------------------------------------
 @router.post("/score", response_model=ScoreResponse, tags=["scoring"], summary="Score one image",
              responses=error_responses(400, 413, 415, 422, 503, 504))
-async def score(request: Request, file: UploadFile = File(..., description=IMAGE_FIELD_DOC)) -> ScoreResponse:
+async def score(request: Request, file: UploadFile = File(..., description=IMAGE_FIELD_DOC),
+                _form: None = form_fields("file", many=False)) -> ScoreResponse:
     """Memorability of one image, sent as multipart/form-data field `file`.
 
     Concurrent calls are batched together; the score does not depend on the batch.
@@ -134,8 +175,8 @@ async def score(request: Request, file: UploadFile = File(..., description=IMAGE
 @router.post("/score/batch", response_model=BatchResponse, tags=["scoring"], summary="Score several images",
              responses=error_responses(400, 413, 422, 503, 504))
 async def score_batch(request: Request,
-                      files: list[UploadFile] = File(..., description="repeat the field once per image")
-                      ) -> BatchResponse:
+                      files: list[UploadFile] = File(..., description="repeat the field once per image"),
+                      _form: None = form_fields("files", many=True)) -> BatchResponse:
     """Memorability of several images, sent as repeated multipart field `files`.
 
     Returns one entry per file, in order. A file that cannot be scored gets an error entry
@@ -161,7 +202,7 @@ async def score_batch(request: Request,
     items = []
     for i, (upload, outcome) in enumerate(zip(files, decoded)):
         if isinstance(outcome, ServiceError):
-            count_error(request, outcome.reason)
+            count_file_error(request, outcome.reason)
             items.append(BatchItem(index=i, filename=upload.filename, ok=False, error=ErrorDetail(**outcome.body()["error"])))
         else:
             result = results[i]
@@ -194,6 +235,7 @@ async def heatmap(
     colormap: str | None = Query(None, description="colormap name (default: inferno for overlays, "
                                                    "grey for maps)", max_length=32),
     layer: str = Query("layer4", description="trunk stage(s): layer1..layer4, a comma list, or all", max_length=64),
+    _form: None = form_fields("file", many=False, query=("format", "alpha", "colormap", "layer")),
 ) -> Response:
     """Which regions of the image raise its memorability score (Grad-RAM), as a PNG.
 
@@ -304,6 +346,7 @@ class _HeatmapSlot:
 async def healthz(request: Request):
     """200 while the process serves requests (also while the model loads); 503 if the model failed to load."""
     state = _state(request)
+    request.scope[SCOPE_UNCOUNTED] = True  # a probe's answer, not a refused request
     if state.phase == "failed":
         return JSONResponse(error_body(503, "not_ready", f"the model failed to load ({state.load_error})"), 503)
     return HealthResponse(status="ok", phase=state.phase)
@@ -318,6 +361,7 @@ async def readyz(request: Request):
         state.require_ready()
     except ServiceError as exc:
         # Not counted in resmemnet_errors_total: probes poll this during every start-up.
+        request.scope[SCOPE_UNCOUNTED] = True
         return JSONResponse(exc.body(), exc.status, headers={"Retry-After": str(exc.retry_after or 1)})
     s = state.settings
     return ReadyResponse(status="ready", model=ModelInfo(**state.model_info), max_batch_size=s.max_batch_size,

@@ -20,6 +20,7 @@ from .body_limit import BodyLimitMiddleware
 from .errors import ServiceError, install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .settings import ServiceSettings
+from .shutdown import ShutdownGuardMiddleware
 
 log = logging.getLogger("resmemnet.service")
 
@@ -80,7 +81,7 @@ class ServiceState:
             self.batcher = DynamicBatcher(
                 lambda batch: scorer.score_tensor_batch(batch),
                 max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000.0,
-                max_queue=self.settings.queue_size, metrics=self.metrics,
+                max_queue=self.settings.queue_size, metrics=None,
                 # past a quarter of the deadline, fairness beats batch size
                 max_starvation_s=self.settings.request_timeout_s / 4,
             )
@@ -88,6 +89,8 @@ class ServiceState:
             if self.settings.warmup:
                 self.phase = "warming_up"
                 await self._warm_up()
+            # Only now do the batcher's passes count: warm-up images are no scored images.
+            self.batcher.attach_metrics(self.metrics)
             self._publish_info()
             self.phase = "ready"
             self.metrics.ready.set(1)
@@ -169,7 +172,9 @@ class ServiceState:
             except (asyncio.CancelledError, Exception):
                 pass
         if self.batcher is not None:
-            await self.batcher.close(timeout=self.settings.request_timeout_s)
+            # uvicorn has already waited out the grace period (and cut what was left), so the
+            # queue holds at most a forward pass in progress; bound the wait by the same grace.
+            await self.batcher.close(timeout=min(self.settings.request_timeout_s, self.settings.graceful_shutdown_s))
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
         self.heatmap_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -189,7 +194,12 @@ def configure_torch_threads(requested: int) -> int:
 
 
 def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
-    """The service app. `scorer` (a loaded model.scoring.Scorer) skips loading from `settings.weights`."""
+    """The service app. `scorer` (a loaded model.scoring.Scorer) skips loading from `settings.weights`.
+
+    /docs (Swagger UI) and /redoc load their scripts from /docs-assets, shipped by the
+    fastapi-offline package: they work on a host without internet access."""
+    from fastapi_offline import FastAPIOffline
+
     from . import routes
 
     settings = settings or ServiceSettings.from_env()
@@ -204,7 +214,8 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        static_url="/docs-assets",
         title="ResMem-Net scoring service",
         version=_package_version(),
         description=DESCRIPTION,
@@ -227,10 +238,10 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
             return settings.max_upload_bytes + 64 * 1024  # one file plus multipart framing
         return None
 
-    # add_middleware puts the newest outermost: metrics see everything, 413s included.
-    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for,
-                       on_reject=lambda: metrics.errors.labels(reason="upload_too_large").inc())
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # add_middleware puts the newest outermost: metrics see everything (413s, shutdown 503s included).
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for)
+    app.add_middleware(ShutdownGuardMiddleware, retry_after_s=settings.retry_after_s)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: app.routes)
     return app
 
 

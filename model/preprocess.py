@@ -12,11 +12,12 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 # Decompression-bomb guard: 64 MP covers any camera photo; beyond that we refuse.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -31,11 +32,17 @@ class ImageDecodeError(ValueError):
         self.message = message
 
 
-def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode any Pillow-readable image to upright 8-bit RGB.
+# Above this share of NaN samples a float picture is refused rather than patched up.
+MAX_NAN_FRACTION = 0.01
 
-    EXIF orientation is applied; L, LA, P, RGBA, CMYK, I;16 and I/F modes are converted to RGB
-    (alpha is composited over white, 16-bit and float data are rescaled, not clipped).
+
+def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode any Pillow-readable image to upright, colour-managed 8-bit sRGB (mode RGB).
+
+    EXIF orientation is applied, an embedded ICC profile is converted to sRGB, and every mode
+    is mapped to RGB by `to_rgb` (see there for bit depths, float data and alpha).
+    Raises ImageDecodeError with reason empty, not_found, not_an_image, corrupt, too_many_pixels
+    or non_finite.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -66,36 +73,135 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         raise ImageDecodeError("not_an_image", "not an image format that Pillow can read") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too_many_pixels", str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError("corrupt", f"the image data is corrupt or truncated ({exc})") from None
+    except Exception as exc:  # any decoder failure on hostile bytes is the file's fault, not ours
+        raise ImageDecodeError("corrupt", f"the image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     if img.width < 1 or img.height < 1:
         raise ImageDecodeError("corrupt", "the image has no pixels")
+    icc_profile = img.info.get("icc_profile")
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block must not lose the picture
         pass
-    return to_rgb(img)
+    try:
+        return to_rgb(img, icc_profile=icc_profile)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # a mode or band layout Pillow opened but cannot convert
+        raise ImageDecodeError("corrupt", f"the image cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB without clipping high-bit-depth data."""
-    if img.mode == "RGB":
+def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image:
+    """Any Pillow mode -> 8-bit sRGB (mode RGB); the same content gives the same pixels in every mode.
+
+    * Integer samples (I, I;16*): 0..255 when every sample fits (Pillow's own L->I convention),
+      else 0..65535 (16-bit files: PNG, PGM/PPM with any maxval, TIFF); v -> round(v / 257).
+      Data outside 0..65535 (32-bit TIFFs) has no convention and is stretched over its range.
+    * Float samples (F): 0..1 (float files), or on the integer scales above when the largest
+      finite sample is over 1 (Pillow's L->F convention). +-inf clip to the range's ends; a few
+      NaN samples (at most MAX_NAN_FRACTION) take the mean of the finite ones; more, or no finite
+      sample at all, raise ImageDecodeError("non_finite").
+    * Colour: `icc_profile` (default: the image's own `info["icc_profile"]`) is converted to sRGB
+      through Pillow's ImageCms; a profile that cannot be read or does not fit the mode is ignored.
+      Without a profile, CMYK, YCbCr, LAB and HSV are converted by Pillow's own formulas.
+    * Alpha (RGBA, LA, PA, P with transparency, RGBa, La): composited over white.
+    The result carries no icc_profile, so converting it again changes nothing.
+    """
+    if icc_profile is None:
+        icc_profile = img.info.get("icc_profile")
+    if img.mode == "RGB" and not icc_profile:
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        if img.mode.startswith("I;16"):
-            lo, hi = 0.0, 65535.0
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        arr8 = np.clip((arr - lo) * scale, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
+    img = _to_8bit(img)
+    alpha = None
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("PA", "RGBa", "RGBX"):
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    elif img.mode == "La":
+        img = _unpremultiply_la(img)
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA"):
+        alpha = img.getchannel("A")
+        img = img.convert("RGB" if img.mode == "RGBA" else "L")
+    rgb = _icc_to_srgb(img, icc_profile) if icc_profile else None
+    if rgb is None:
+        rgb = img.convert("RGB")
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        rgb = Image.composite(rgb, Image.new("RGB", rgb.size, (255, 255, 255)), alpha)
+    rgb.info.pop("icc_profile", None)
+    return rgb
+
+
+_INTEGER_SCALES = (255.0, 65535.0)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """I, I;16* and F -> L by the rules in to_rgb(); other modes pass through."""
+    if not (img.mode in ("I", "F") or img.mode.startswith("I;16")):
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        arr = _patch_non_finite(arr)
+    finite_min, finite_max = float(arr.min()), float(arr.max())
+    if img.mode == "F" and finite_max <= 1.0 + 1e-3:
+        lo, hi = 0.0, 1.0
+    elif finite_min >= 0 and finite_max <= _INTEGER_SCALES[-1]:
+        lo, hi = 0.0, next(s for s in _INTEGER_SCALES if finite_max <= s)
+    else:  # beyond every convention (e.g. signed 32-bit data): stretch over the data's own range
+        lo, hi = finite_min, max(finite_max, finite_min + 1.0)
+    arr8 = np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr8, mode="L")
+
+
+def _patch_non_finite(arr: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(arr)
+    if finite.all():
+        return arr
+    if not finite.any():
+        raise ImageDecodeError("non_finite", "every sample of this float image is NaN or infinite")
+    nan = np.isnan(arr)
+    if nan.mean() > MAX_NAN_FRACTION:
+        raise ImageDecodeError("non_finite", f"{int(nan.sum())} of {arr.size} samples of this float image are NaN "
+                                             f"(more than {MAX_NAN_FRACTION:.0%}); it cannot be judged")
+    values = arr[finite]
+    lo, hi = float(values.min()), float(values.max())
+    top = 1.0 if hi <= 1.0 + 1e-3 else next((s for s in _INTEGER_SCALES if hi <= s), hi)
+    arr = arr.copy()
+    arr[np.isposinf(arr)] = max(top, hi)
+    arr[np.isneginf(arr)] = min(0.0, lo)
+    arr[nan] = float(values.mean())
+    return arr
+
+
+def _unpremultiply_la(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img).astype(np.float64)
+    a = arr[..., 1]
+    grey = np.where(a > 0, np.clip(arr[..., 0] * 255.0 / np.maximum(a, 1), 0, 255), 0)
+    return Image.fromarray(np.stack([np.rint(grey), a], axis=-1).astype(np.uint8), mode="LA")
+
+
+@lru_cache(maxsize=32)
+def _srgb_transform(profile: bytes, mode: str):
+    """A cached ImageCms transform from an embedded profile to sRGB, or None if it is unusable."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        # NOCACHE: lcms's one-pixel cache is not thread-safe and decoding runs in a thread pool.
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, "RGB",
+                                       renderingIntent=ImageCms.Intent.PERCEPTUAL, flags=ImageCms.Flags.NOCACHE)
+    except Exception:  # garbage profile, or one for another colour space than the pixels'
+        return None
+
+
+def _icc_to_srgb(img: Image.Image, profile) -> Image.Image | None:
+    if img.mode not in ("RGB", "L", "CMYK", "LAB") or not isinstance(profile, (bytes, bytearray)):
+        return None
+    transform = _srgb_transform(bytes(profile), img.mode)
+    if transform is None:
+        return None
+    try:
+        return ImageCms.applyTransform(img, transform)
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)
