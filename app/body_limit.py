@@ -12,6 +12,9 @@ from typing import Callable
 
 from .errors import error_body, mark_error
 
+# scope key: True/False once a multipart body has been read to its end (closing boundary seen or not)
+SCOPE_MULTIPART_COMPLETE = "resmemnet.multipart_complete"
+
 
 class BodyTooLarge(Exception):
     pass
@@ -33,14 +36,24 @@ class BodyLimitMiddleware:
             return
 
         state = {"received": 0, "exceeded": False, "answered": False, "started": False}
+        closing = _closing_boundary(scope)
+        tail = bytearray()
 
         async def limited_receive():
             message = await receive()
             if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                state["received"] += len(chunk)
                 if state["received"] > limit:
                     state["exceeded"] = True
                     raise BodyTooLarge()
+                if closing is not None:
+                    # keep the last bytes: a multipart body must end with its closing boundary, or
+                    # its last part was cut off and the parser would drop it without a word
+                    tail.extend(chunk)
+                    del tail[:-(len(closing) + 256)]
+                    if not message.get("more_body", False):
+                        scope[SCOPE_MULTIPART_COMPLETE] = closing in tail
             return message
 
         async def guarded_send(message):
@@ -77,6 +90,17 @@ class BodyLimitMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _closing_boundary(scope) -> bytes | None:
+    """b"--BOUNDARY--" of a multipart/form-data request, or None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type" and value.lower().startswith(b"multipart/form-data"):
+            for param in value.split(b";")[1:]:
+                key, _, val = param.strip().partition(b"=")
+                if key.lower() == b"boundary" and val:
+                    return b"--" + val.strip(b'"') + b"--"
+    return None
 
 
 def _content_length(scope) -> int | None:

@@ -46,7 +46,9 @@ def run_serve(args) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s or None, lifespan="on",
+        # 0 means no grace (requests still running are answered 503 shutting_down at once); never None,
+        # which uvicorn takes as "wait forever", e.g. for a client stalled mid-upload.
+        timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on",
         # The service bounds its own queue; keep-alive connections of load balancers are welcome.
         timeout_keep_alive=30,
     )

@@ -119,13 +119,25 @@ def _describe_validation(errors, received: list[str] | None = None) -> str:
             parts.append(f"multipart field {where!r} is required{got}")
         elif in_body and "UploadFile" in str(err.get("msg", "")):
             # curl -F file=<photo.jpg (no @) sends the bytes as a text value, without a file name
-            parts.append(f"multipart field {where!r} was sent as a text value, not as a file (with curl: "
-                         f"-F {where}=@photo.jpg, with the @)")
+            parts.append(f"multipart field {where!r} was sent without a file name, so as a text value, not as a "
+                         f"file (with curl: -F {where}=@photo.jpg, with the @; in a browser form: no file chosen)")
         else:
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
     hint = ("; send the image as multipart/form-data in field 'file' (or repeated 'files' for /score/batch)"
             if any(e.get("loc", ("",))[0] == "body" for e in errors) else "")
     return "; ".join(parts) + hint
+
+
+def _form_parse_error(request: Request, message: str) -> tuple[str, int, str]:
+    """Starlette's multipart limits, told in the service's terms (reason, status, message)."""
+    if message.startswith("Too many files"):
+        settings = getattr(request.app.state, "settings", None)
+        limit = getattr(settings, "max_files_per_request", None)
+        return "too_many_files", 413, f"{message} (this service takes at most {limit} files per /score/batch request)"
+    if message.startswith("Part exceeded maximum size"):
+        return "invalid_request", 422, (f"{message} A text field that large is usually an image sent without a file "
+                                        "name (with curl: -F file=@photo.jpg, with the @)")
+    return "bad_request", 400, message
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -142,6 +154,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         reason = reason_for_status(exc.status_code)
         message = str(exc.detail) if exc.detail else reason
+        if exc.status_code == 400:
+            reason, status, message = _form_parse_error(request, message)
+            return error_response(request, status, reason, message)
         if exc.status_code == 404:
             message = f"no endpoint at {request.url.path}; see /docs"
         elif exc.status_code == 405:

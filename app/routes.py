@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from .batcher import BatcherClosedError, QueueFullError
+from .body_limit import SCOPE_MULTIPART_COMPLETE
 from .errors import SCOPE_FORM_FIELDS, SCOPE_UNCOUNTED, ServiceError, count_file_error, error_body, from_decode_error
 from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, ModelInfo, ReadyResponse, ScoreResponse,
                       Timing, error_responses)
@@ -54,6 +55,9 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
         if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return  # FastAPI reports the missing field
         form = await request.form()
+        if request.scope.get(SCOPE_MULTIPART_COMPLETE) is False:
+            raise ServiceError("bad_request", "the multipart body ends without its closing boundary: the upload was "
+                               "cut short, so its last part would be lost; nothing was scored", status=400)
         names = [k for k, _ in form.multi_items()]
         request.scope[SCOPE_FORM_FIELDS] = sorted(set(names))
         if field not in names:

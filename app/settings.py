@@ -48,7 +48,8 @@ class ServiceSettings:
     port: int = field(default=8000, metadata=_doc("TCP port `resmemnet serve` listens on"))
     log_level: str = field(default="info", metadata=_doc("uvicorn log level"))
     graceful_shutdown_s: float = field(
-        default=30.0, metadata=_doc("on SIGTERM, how long requests already accepted may still finish"))
+        default=30.0, metadata=_doc("on SIGTERM, how long requests already running may still finish; those "
+                                    "still running then get 503 `shutting_down`. 0: no grace, they get it at once"))
     # -- batching and load ---------------------------------------------------------------------
     max_batch_size: int = field(default=32, metadata=_doc("largest batch one forward pass takes (1 turns batching off)"))
     max_wait_ms: float = field(default=5.0, metadata=_doc("how long the oldest queued image may wait for a batch to fill"))
