@@ -14,7 +14,7 @@ import sys
 # command -> (module that registers it, its one-line help), in the order `--help` lists them
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("app.cli_score", "score image files and folders"),
-    "info": ("app.cli_score", "print a checkpoint's metadata, parameter count and metrics"),
+    "info": ("app.cli_score", "summarise a checkpoint: model, parameters, data, results, licence"),
     "serve": ("app.cli_serve", "run the HTTP scoring service"),
     "heatmap": ("app.cli_heatmap", "write Grad-RAM heatmap overlays for images"),
     "train": ("model.training.cli", "train ResMem-Net (phased recipe, cross-validation, checkpoint)"),

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="full fp32 everywhere (default: the trunk in fp16 on CUDA and in bf16 on CPUs with "
                         "native bf16; scores then differ from fp32 by about 2e-3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                   help="inference engine (default: $RESMEMNET_BACKEND, else torch); onnxruntime runs the model's "
+                        "ONNX export on the CPU in fp32, exported and cached on first use (docs/benchmarks.md)")
     p.set_defaults(func=run_score)
 
     q = sub.add_parser("info", help="summarise a checkpoint: model, parameters, data, results, licence",
@@ -123,7 +126,7 @@ def run_score(args) -> int:
     entries = ordered_inputs(args.paths)
     if not entries:
         return fail("no files found under the given paths")
-    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32)
+    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32, backend=args.backend)
     files = [path for path, exists in entries if exists]
     progress = Progress(len(files), enabled=not args.no_progress)
     try:

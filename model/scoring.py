@@ -7,10 +7,11 @@ scorer, the benchmark and the service's batch worker.
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -19,6 +20,7 @@ import torch
 from .checkpoint import DEFAULT_WEIGHTS, CheckpointMeta, load_checkpoint
 from .network import ResMemNet
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image
+from .quality import input_warnings
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -64,6 +66,8 @@ class ScoreResult:
     height: int | None = None
     error: str | None = None
     reason: str | None = None
+    percentile: float | None = None  # 0-100 among the checkpoint's reference photos (None: no reference)
+    warnings: list[str] = field(default_factory=list)  # model.quality codes: inputs it cannot judge
 
     @property
     def ok(self) -> bool:
@@ -71,11 +75,27 @@ class ScoreResult:
 
 
 class Scorer:
-    """A loaded model plus its preprocessing, on one device."""
+    """A loaded model plus its preprocessing, on one device.
 
-    def __init__(self, model: ResMemNet, preprocessing: Preprocessing, *, device="auto",
-                 meta: CheckpointMeta | None = None, mixed_precision: bool = True, max_batch: int = 32):
+    backend "torch" runs the model; "onnxruntime" runs its ONNX export on the CPU (runner: a
+    model.backends.OnnxRuntimeRunner) and loads the torch model only when something asks for
+    `model` (heatmaps), from `weights`.
+    """
+
+    def __init__(self, model: ResMemNet | None, preprocessing: Preprocessing, *, device="auto",
+                 meta: CheckpointMeta | None = None, mixed_precision: bool = True, max_batch: int = 32,
+                 runner=None, weights: str | os.PathLike | None = None):
+        if runner is not None and device == "auto":
+            device = "cpu"
         self.device = resolve_device(device)
+        if runner is not None and self.device.type != "cpu":
+            raise ValueError("the onnxruntime backend runs on the CPU: use --device cpu (or auto)")
+        if model is None and (runner is None or weights is None):
+            raise ValueError("a Scorer needs a model, or a runner and the checkpoint to load the model from")
+        self.runner = runner
+        self.backend = getattr(runner, "name", "torch") if runner is not None else "torch"
+        self._weights = weights
+        self._model_lock = threading.Lock()
         self.preprocessing = preprocessing
         self.meta = meta
         self.max_batch = max(1, int(max_batch))
@@ -88,13 +108,40 @@ class Scorer:
             # from the CPU's. This is process-wide, as is any torch.backends setting.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        model = model.eval().to(self.device)
-        self.model = model.to(memory_format=torch.channels_last)
+        self._model = None if model is None else self._place(model)
+
+    def _place(self, model: ResMemNet) -> ResMemNet:
+        return model.eval().to(self.device).to(memory_format=torch.channels_last)
+
+    @property
+    def model(self) -> ResMemNet:
+        """The torch model (loaded on first use when another backend scores)."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = self._place(load_checkpoint(self._weights)[0])
+        return self._model
+
+    @model.setter
+    def model(self, value: ResMemNet) -> None:
+        self._model = value
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, **kwargs) -> "Scorer":
-        model, meta = load_checkpoint(path)
-        return cls(model, meta.preprocessing, meta=meta, **kwargs)
+    def from_checkpoint(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, *, backend: str | None = None,
+                        **kwargs) -> "Scorer":
+        """backend: "torch" | "onnxruntime" | None ($RESMEMNET_BACKEND, else the default);
+        model.backends.BackendError (a ValueError) when unknown or not installed."""
+        from .backends import check_backend
+
+        if check_backend(backend) == "torch":
+            model, meta = load_checkpoint(path)
+            return cls(model, meta.preprocessing, meta=meta, **kwargs)
+        from .backends import OrtOptions, onnxruntime_runner
+        from .checkpoint import read_meta
+
+        runner = onnxruntime_runner(path, OrtOptions(threads=torch.get_num_threads()))
+        meta = read_meta(path)
+        return cls(None, meta.preprocessing, meta=meta, runner=runner, weights=path, **kwargs)
 
     @property
     def model_name(self) -> str:
@@ -108,6 +155,8 @@ class Scorer:
     @torch.inference_mode()
     def score_tensor_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0,1], all one shape -> (B,) float32 scores on the CPU."""
+        if self.runner is not None:
+            return torch.from_numpy(self.runner(batch.float().contiguous().numpy()))
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with self._autocast():
             pooled = self.model.forward_features(x, fp32_last_stage=self.mixed_precision)
@@ -134,6 +183,15 @@ class Scorer:
         img = decode_image(source, max_pixels=max_pixels)
         return self.preprocessing.image_to_tensor(img), img.width, img.height
 
+    def prepare_checked(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        """prepare() plus model.quality's warning codes -> (tensor, width, height, warnings)."""
+        img = decode_image(source, max_pixels=max_pixels)
+        return self.preprocessing.image_to_tensor(img), img.width, img.height, input_warnings(img)
+
+    def percentile(self, score: float) -> float | None:
+        """The score's rank (0-100) among the checkpoint's reference photos; None without a reference."""
+        return self.meta.percentile(score) if self.meta is not None else None
+
     def score_paths(self, paths: Sequence[str], *, batch_size: int = 16, workers: int = 2,
                     progress=None) -> Iterator[ScoreResult]:
         """Score files in order, decoding in threads ahead of the model. Bad files become error rows."""
@@ -141,10 +199,10 @@ class Scorer:
 
         def load(path):
             try:
-                tensor, w, h = self.prepare(path)
-                return path, tensor, w, h, None
+                tensor, w, h, warns = self.prepare_checked(path)
+                return path, tensor, w, h, warns, None
             except ImageDecodeError as exc:
-                return path, None, None, None, exc
+                return path, None, None, None, [], exc
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             window = batch_size * 4  # decode ahead, keep memory bounded
@@ -154,11 +212,13 @@ class Scorer:
                 scores = self.score_tensors([item[1] for item in good], max_batch=batch_size)
                 by_path = {id(item): s for item, s in zip(good, scores)}
                 for item in loaded:
-                    path, tensor, w, h, exc = item
+                    path, tensor, w, h, warns, exc = item
                     if exc is not None:
                         yield ScoreResult(path=str(path), error=exc.message, reason=exc.reason)
                     else:
-                        yield ScoreResult(path=str(path), score=by_path[id(item)], width=w, height=h)
+                        score = by_path[id(item)]
+                        yield ScoreResult(path=str(path), score=score, width=w, height=h,
+                                          percentile=self.percentile(score), warnings=warns)
                     if progress is not None:
                         progress(1)
 
