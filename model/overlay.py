@@ -113,15 +113,19 @@ def overlay_image(img, heatmap: np.ndarray, *, alpha: float = 0.5, colormap: str
     """The coloured heatmap alpha-blended onto `img` (PIL, upright) at the image's own size.
 
     alpha is the heatmap's weight: 0 gives the photo, 1 the colour map alone. A heatmap of
-    another size (e.g. the network input's) is resized to the image first.
+    another size (e.g. the network input's) is resized to the image first. The photo is drawn
+    as the model saw it: a decode_image() result as it is; any other image (another mode, an
+    embedded ICC profile) through the same to_rgb() conversion to sRGB.
     """
     from PIL import Image
+
+    from .preprocess import to_rgb
 
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
     colormap_table(colormap)  # fail on a bad name before any work
-    photo = img if img.mode == "RGB" else img.convert("RGB")
+    photo = to_rgb(img)
     colours = Image.fromarray(colorize(resize_heatmap(heatmap, photo.size), colormap), mode="RGB")
     return Image.blend(photo, colours, alpha)
 
