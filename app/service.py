@@ -200,7 +200,7 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
     fastapi-offline package: they work on a host without internet access."""
     from fastapi_offline import FastAPIOffline
 
-    from . import routes
+    from . import page, routes
 
     settings = settings or ServiceSettings.from_env()
     metrics = ServiceMetrics()
@@ -229,6 +229,7 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.include_router(page.router)  # the web page at / (first: it answers / for browsers)
     app.include_router(routes.router)
 
     def body_limit_for(path: str) -> int | None:

@@ -1,0 +1,341 @@
+"""The web page at `/`, end to end in a real browser: Debian's Chromium driven by Selenium through
+the system chromedriver, against `resmemnet serve` on a loopback port.
+
+Needs the `chromium` and `chromium-driver` packages (`make test` installs them where apt-get is
+available). Without them the browser tests skip, except where CI or RESMEMNET_REQUIRE_BROWSER is
+set: there they fail, so CI can never pass without having run them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+CHROMIUM = os.environ.get("RESMEMNET_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("RESMEMNET_CHROMEDRIVER", "/usr/bin/chromedriver")
+REQUIRED = bool(os.environ.get("CI") or os.environ.get("RESMEMNET_REQUIRE_BROWSER"))
+WAIT_S = 120
+
+
+def browser_missing() -> str | None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    return ", ".join(missing) or None
+
+
+@pytest.fixture(scope="module")
+def require_browser():
+    missing = browser_missing()
+    if missing:
+        message = f"browser test needs {missing} (apt-get install chromium chromium-driver; pip install selenium)"
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+# -- the server ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(weights: Path, log: Path):
+    """`resmemnet serve` on a free loopback port, as a user starts it; yields the base URL."""
+    port = free_port()
+    script = Path(sys.executable).parent / "resmemnet"
+    cmd = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "app.cli", "serve"]
+    env = {**os.environ, "RESMEMNET_WEIGHTS": str(weights), "RESMEMNET_DEVICE": "cpu", "RESMEMNET_HOST": "127.0.0.1",
+           "RESMEMNET_PORT": str(port), "RESMEMNET_LOG_LEVEL": "warning", "RESMEMNET_TORCH_THREADS": "1"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}: {log.read_text()}")
+            try:
+                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready: {log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    with serve(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log") as base:
+        yield base
+
+
+# -- the browser -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser(require_browser, tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    # Selenium Manager must not look for drivers or browsers on the network: both are given.
+    os.environ["SE_OFFLINE"] = "true"
+    os.environ["SE_AVOID_STATS"] = "true"
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(condition, timeout: float = WAIT_S, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def photo(path: Path, size, sky, ground, sun, fmt="JPEG") -> Path:
+    """A small made-up landscape, so that the screenshot shows something photo-like."""
+    w, h = size
+    img = Image.new("RGB", size, sky)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, int(h * 0.62), w, h], fill=ground)
+    r = int(min(w, h) * 0.12)
+    draw.ellipse([sun[0] * w - r, sun[1] * h - r, sun[0] * w + r, sun[1] * h + r], fill=(250, 220, 90))
+    draw.polygon([(w * 0.1, h * 0.62), (w * 0.35, h * 0.25), (w * 0.6, h * 0.62)], fill=(90, 90, 110))
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uploads")
+    good = [photo(folder / "lake.jpg", (240, 160), (120, 170, 230), (40, 110, 60), (0.75, 0.25)),
+            photo(folder / "dunes.png", (200, 200), (250, 180, 120), (200, 150, 80), (0.3, 0.2), fmt="PNG")]
+    bad = folder / "notes.txt"
+    bad.write_text("this is not a photo\n")
+    return good, bad
+
+
+def api_score(base: str, path: Path) -> dict:
+    with path.open("rb") as fh:
+        r = httpx.post(base + "/score", files={"file": (path.name, fh)}, timeout=60)
+    r.raise_for_status()
+    return r.json()
+
+
+def cards(driver) -> dict:
+    """name -> the card's state as the page shows it."""
+    return {c["name"]: c for c in driver.execute_script("""
+        return Array.from(document.querySelectorAll('#cards .card')).map(c => ({
+          name: c.querySelector('.card-title').textContent,
+          state: c.dataset.state, score: c.dataset.score || null, retries: c.dataset.retries || '0',
+          shown: c.querySelector('.score').textContent,
+          percentile: c.querySelector('.percentile').textContent,
+          warnings: Array.from(c.querySelectorAll('.warnings li')).map(li => li.dataset.code),
+          error: c.querySelector('.error').hidden ? '' : c.querySelector('.error-text').innerText + ' | ' +
+                 c.querySelector('.error-detail').innerText,
+          retry_button: c.querySelector('.retry').offsetParent !== null,
+          heat: (h => h.complete ? h.naturalWidth : 0)(c.querySelector('.heat')),
+          photo: (p => p.complete ? p.naturalWidth : 0)(c.querySelector('.photo')),
+        }));""")}
+
+
+def open_page(driver, base: str):
+    driver.get(base + "/")
+    wait_for(lambda: driver.execute_script(
+        "return document.querySelector('#service-status').dataset.state === 'ready'"), what="the page to see the model ready")
+
+
+def upload(driver, paths):
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in paths))
+
+
+def settled(driver, n: int):
+    return lambda: (lambda c: len(c) == n and all(x["state"] in ("done", "error") for x in c.values()) and c)(cards(driver))
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_page_scores_two_photos_shows_overlays_and_a_bad_files_message(browser, server, uploads, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    good, bad = uploads
+    open_page(browser, server)
+    upload(browser, [*good, bad])
+    shown = wait_for(settled(browser, 3), what="three photos to be scored or refused")
+
+    for path in good:
+        card = shown[path.name]
+        expected = api_score(server, path)
+        assert card["state"] == "done", card
+        assert float(card["score"]) == pytest.approx(expected["score"], abs=1e-5)
+        assert card["shown"] == f"{expected['score']:.3f}"
+        if expected.get("percentile") is not None:
+            assert card["percentile"].startswith("·") and "percentile" in card["percentile"]
+        assert card["warnings"] == list(expected.get("warnings") or [])
+        assert card["heat"] == expected["width"], "the overlay PNG loaded at the photo's width"
+        assert card["photo"] == expected["width"]
+        assert card["error"] == ""
+
+    refused = shown["notes.txt"]
+    assert refused["state"] == "error"
+    assert "Could not score notes.txt: This file is not an image the service can read." in refused["error"]
+    assert "HTTP 415, not_an_image" in refused["error"]
+    assert refused["heat"] == 0
+    assert not refused["retry_button"], "a file the service refuses is not worth retrying"
+
+    # The table sorts by score, both ways, keyboard only; failed photos stay last.
+    rows = lambda: browser.execute_script(  # noqa: E731
+        "return Array.from(document.querySelectorAll('#table tbody tr')).map(r => r.innerText.split('\\t'))")
+    assert len(rows()) == 3
+    sort = browser.find_element(By.ID, "sort")
+    sort.send_keys(Keys.ENTER)
+    scores = {p.name: float(shown[p.name]["score"]) for p in good}
+    high, low = sorted(scores, key=scores.get, reverse=True)
+    assert [r[0].strip() for r in rows()] == [high, low, "notes.txt"]
+    assert browser.find_element(By.ID, "score-col").get_attribute("aria-sort") == "descending"
+    sort.send_keys(Keys.ENTER)
+    assert [r[0].strip() for r in rows()] == [low, high, "notes.txt"]
+
+    # The slider moves the overlay's opacity, from the keyboard.
+    slider = browser.find_element(By.CSS_SELECTOR, f"#cards .card[data-score] .alpha")
+    slider.send_keys(Keys.END)
+    card_el = slider.find_element(By.XPATH, "ancestor::li")
+    assert card_el.find_element(By.CSS_SELECTOR, ".heat").value_of_css_property("opacity") == "1"
+    slider.send_keys(Keys.HOME)
+    assert card_el.find_element(By.CSS_SELECTOR, ".heat").value_of_css_property("opacity") == "0"
+    slider.send_keys(Keys.PAGE_UP)  # back to something visible for the screenshot
+    for _ in range(8):
+        slider.send_keys(Keys.ARROW_RIGHT)
+
+    # The CSV the Download button saves: a header and one row per file, in the table's order.
+    download_dir = tmp_path / "downloads"
+    download_dir.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
+    browser.find_element(By.ID, "download").click()
+    saved = wait_for(lambda: [p for p in download_dir.glob("*.csv")], timeout=30, what="the CSV download")[0]
+    text = saved.read_text()
+    assert "\r" not in text
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [r["filename"] for r in table] == [low, high, "notes.txt"]
+    assert float(table[0]["score"]) == pytest.approx(scores[low], abs=1e-6)
+    assert table[2]["reason"] == "not_an_image" and table[2]["score"] == ""
+    assert list(table[0]) == ["filename", "score", "percentile", "warnings", "width", "height", "error", "reason"]
+
+    shot = tmp_path / "page.png"
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, min(height + 140, 4000))  # the whole page in one picture
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(shot))
+    browser.set_window_size(1280, 1000)
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+
+def test_a_busy_service_is_retried_with_a_message(browser, server, uploads):
+    """A 503 with Retry-After (queue full) is retried after the advertised wait, and the user is told."""
+    good, _ = uploads
+    open_page(browser, server)
+    # The first /score answer is a 503 as the service sends it when its queue is full.
+    browser.execute_script("""
+        const realFetch = window.fetch;
+        let refused = false;
+        window.busyMessages = [];
+        new MutationObserver(() => document.querySelectorAll('.progress').forEach(p => {
+          if (p.textContent.includes('busy')) window.busyMessages.push(p.textContent);
+        })).observe(document.body, {subtree: true, childList: true, characterData: true});
+        window.fetch = (url, init) => {
+          if (!refused && String(url) === '/score') {
+            refused = true;
+            return Promise.resolve(new Response(JSON.stringify({error: {status: 503, reason: 'queue_full',
+              message: 'the scoring queue is full (128 images); retry shortly'}}),
+              {status: 503, headers: {'Content-Type': 'application/json', 'Retry-After': '1'}}));
+          }
+          return realFetch(url, init);
+        };""")
+    upload(browser, [good[0]])
+    shown = wait_for(settled(browser, 1), what="the photo to be scored after the retry")
+    card = shown[good[0].name]
+    assert card["state"] == "done" and card["retries"] == "1"
+    assert float(card["score"]) == pytest.approx(api_score(server, good[0])["score"], abs=1e-5)
+    messages = browser.execute_script("return window.busyMessages")
+    assert any("The service is busy. Trying again in 1 s (attempt 1 of 5)" in m for m in messages), messages
+
+
+def test_page_is_readable_at_phone_width(browser, server, uploads, tmp_path):
+    good, bad = uploads
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, server)
+        upload(browser, [good[0], bad])
+        wait_for(settled(browser, 2), what="two photos")
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the page is {overflow} px wider than a phone screen"
+        font = browser.execute_script("return parseFloat(getComputedStyle(document.body).fontSize)")
+        assert font >= 16
+        browser.save_screenshot(str(tmp_path / "phone.png"))
+        print(f"screenshot: {tmp_path / 'phone.png'}")
+    finally:
+        browser.set_window_size(1280, 1000)
+
+
+def test_page_loads_nothing_from_elsewhere(server):
+    """The page and its assets name no other host, and the CSP header forbids loading from one."""
+    html = httpx.get(server + "/", headers={"Accept": "text/html"}, timeout=30)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in html.headers["content-security-policy"]
+    refs = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert refs and all(r.startswith(("/", "#", "data:")) for r in refs), refs
+    for asset in ("/static/page.css", "/static/page.js"):
+        r = httpx.get(server + asset, timeout=30)
+        assert r.status_code == 200
+        assert not re.search(r"https?://|url\(\s*['\"]?//", r.text), asset
+    assert httpx.get(server + "/static/../page.py", timeout=30).status_code == 404
+    missing = httpx.get(server + "/static/nothing.js", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["reason"] == "not_found"
+
+
+def test_api_clients_still_get_json_at_the_root(server):
+    r = httpx.get(server + "/", timeout=30)  # httpx, like curl, accepts */*
+    assert r.status_code == 200 and r.json()["service"] == "resmemnet"
+    assert json.loads(httpx.get(server + "/", headers={"Accept": "application/json"}, timeout=30).text)["docs"] == "/docs"
