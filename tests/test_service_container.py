@@ -80,9 +80,12 @@ def test_compose_file_is_valid():
     cmd = [compose, "-f", str(COMPOSE)]
     r = subprocess.run(cmd + ["config", "--services"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert set(r.stdout.split()) == {"resmemnet", "resmemnet-cpu", "prometheus"}
+    # profile "replicas" (two replicas behind HAProxy, docs/deploy.md) adds resmemnet-a/-b/-lb
+    assert set(r.stdout.split()) == {"resmemnet", "resmemnet-cpu", "prometheus", "resmemnet-a", "resmemnet-b",
+                                     "resmemnet-lb"}
     full = subprocess.run(cmd + ["config"], capture_output=True, text=True, timeout=60, cwd=REPO).stdout
     gpu, cpu = full.split("\n  resmemnet:\n")[1].split("\n  resmemnet-cpu:\n")
+    gpu = gpu.split("\n  resmemnet-a:\n")[0]  # services are listed by name: the replicas follow
     # `docker compose up` starts the GPU service (no profile) with a GPU reservation ...
     assert "driver: nvidia" in gpu and "- gpu" in gpu and "profiles" not in gpu and "RESMEMNET_DEVICE: cuda" in gpu
     # ... and the CPU variant only under `--profile cpu`, reachable by Prometheus under the same name.
