@@ -1,0 +1,131 @@
+"""Backends: ONNX Runtime scores equal torch's fp32 scores, through the Scorer, the CLI and the
+environment variable the service reads."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_image
+from model.backends import BackendError, check_backend
+from model.scoring import Scorer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "private_cache")
+TOLERANCE = 1e-3  # ONNX Runtime fp32 vs torch fp32
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESMEMNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESMEMNET_BACKEND", raising=False)
+
+
+def test_backend_names_and_environment(monkeypatch):
+    assert check_backend(None) == "torch"
+    assert check_backend("ONNXRuntime") == "onnxruntime"
+    monkeypatch.setenv("RESMEMNET_BACKEND", "onnxruntime")
+    assert check_backend(None) == "onnxruntime"
+    assert check_backend("torch") == "torch"  # an explicit choice wins over the variable
+    monkeypatch.setenv("RESMEMNET_BACKEND", "tensorrt")
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
+        check_backend(None)
+
+
+def test_missing_engine_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(BackendError, match="pip install"):
+        check_backend("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def torch_scorer(tiny_checkpoint):
+    return Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False, backend="torch")
+
+
+def test_onnxruntime_scores_equal_torch_fp32(tiny_checkpoint, torch_scorer):
+    pytest.importorskip("onnxruntime")
+    scorer = Scorer.from_checkpoint(tiny_checkpoint, device="auto", backend="onnxruntime")
+    assert scorer.backend == "onnxruntime" and scorer.device.type == "cpu"
+    assert scorer._model is None  # the torch model is not loaded to score
+    rng = np.random.default_rng(0)
+    tensors = [torch.from_numpy(rng.random((3, h, w), dtype=np.float32)) for h, w in
+               [(64, 64), (64, 128), (64, 64), (96, 64), (64, 128)]]
+    got = scorer.score_tensors(tensors, max_batch=2)
+    expected = torch_scorer.score_tensors(tensors, max_batch=2)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_onnxruntime_scorer_loads_the_torch_model_for_heatmaps(tiny_checkpoint):
+    pytest.importorskip("onnxruntime")
+    from model.gradram import heatmap_for_image
+    from model.preprocess import decode_image
+
+    scorer = Scorer.from_checkpoint(tiny_checkpoint, backend="onnxruntime")
+    img = decode_image(make_image(size=(80, 64)))
+    result = heatmap_for_image(scorer.model, scorer.preprocessing, img)
+    assert scorer._model is not None
+    assert abs(result.score - scorer.score_tensors([scorer.prepare(make_image(size=(80, 64)))[0]])[0]) < 1e-2
+
+
+def test_onnxruntime_refuses_a_gpu():
+    with pytest.raises(ValueError):
+        Scorer(None, None, device="cuda", runner=object(), weights="x.json")
+
+
+def read_scores(path: Path) -> dict[str, float]:
+    with open(path) as fh:
+        return {row["path"]: float(row["score"]) for row in csv.DictReader(fh) if row["score"]}
+
+
+def test_cli_backends_agree(tmp_path, tiny_checkpoint):
+    pytest.importorskip("onnxruntime")
+    from app.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, size in enumerate([(120, 90), (90, 120), (64, 64), (300, 100)]):
+        make_image(folder / f"{i}.jpg", size=size, seed=i)
+    (folder / "bad.jpg").write_bytes(b"not an image")
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        outs[backend] = tmp_path / f"{backend}.csv"
+        code = main(["score", str(folder), "--weights", str(tiny_checkpoint), "--backend", backend, "--fp32",
+                     "--no-progress", "--out", str(outs[backend])])
+        assert code == 1  # the bad file fails with either backend
+    torch_scores, ort_scores = read_scores(outs["torch"]), read_scores(outs["onnxruntime"])
+    assert torch_scores.keys() == ort_scores.keys() and len(torch_scores) == 4
+    for key in torch_scores:
+        assert abs(torch_scores[key] - ort_scores[key]) <= TOLERANCE
+
+
+def test_service_backend_from_environment(tiny_checkpoint, monkeypatch):
+    """The service builds its Scorer with Scorer.from_checkpoint, which reads RESMEMNET_BACKEND."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("RESMEMNET_BACKEND", "onnxruntime")
+    assert Scorer.from_checkpoint(tiny_checkpoint).backend == "onnxruntime"
+    monkeypatch.setenv("RESMEMNET_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend"):
+        Scorer.from_checkpoint(tiny_checkpoint)
+
+
+POOL = SHARED_DATA / "pool"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not POOL.is_dir(), reason="needs ../shared/data/pool")
+def test_shipped_checkpoint_onnxruntime_equals_torch_on_real_photos():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("resmem")
+    photos = sorted(str(p) for p in POOL.glob("*.jpg"))[::100][:24]  # spread over the three sources
+    ref = Scorer.from_checkpoint(device="cpu", mixed_precision=False, backend="torch")
+    ort_scorer = Scorer.from_checkpoint(device="cpu", backend="onnxruntime")
+    expected = [r.score for r in ref.score_paths(photos, batch_size=8)]
+    got = [r.score for r in ort_scorer.score_paths(photos, batch_size=8)]
+    assert np.ptp(expected) > 0.05  # real, varied photos
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
