@@ -139,7 +139,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     """I, I;16* and F -> L by the rules in to_rgb(); other modes pass through."""
     if not (img.mode in ("I", "F") or img.mode.startswith("I;16")):
         return img
-    arr = np.asarray(img).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are dealt with below
+        arr = np.asarray(img).astype(np.float64)
     if img.mode == "F":
         arr = _patch_non_finite(arr)
     finite_min, finite_max = float(arr.min()), float(arr.max())
