@@ -43,6 +43,24 @@ class CheckpointMeta:
     license: str = ""
     tensors_file: str = ""
     tensors_sha256: str = ""
+    # Score quantiles of a fixed set of diverse reference photos: {"set": str, "n": int,
+    # "quantiles": [101 scores, the 0th..100th percentile]}; turns a score into a percentile.
+    reference: dict = field(default_factory=dict)
+
+    def percentile(self, score: float) -> float | None:
+        """Rank of `score` (0-100) among the reference photos, interpolated between stored
+        quantiles; None when the checkpoint has no reference set."""
+        quantiles = self.reference.get("quantiles") if self.reference else None
+        if not quantiles:
+            return None
+        import numpy as np
+
+        q = np.asarray(quantiles, dtype=np.float64)
+        levels = np.linspace(0.0, 100.0, len(q))
+        # Equal quantiles (a flat stretch) would make interp pick one end: take the middle.
+        lo = float(np.interp(score, q, levels, left=0.0, right=100.0))
+        hi = float(-np.interp(-score, -q[::-1], -levels[::-1], left=-100.0, right=0.0))
+        return round((lo + hi) / 2.0, 2)
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +76,7 @@ class CheckpointMeta:
             "provenance": self.provenance,
             "license": self.license,
             "tensors": {"file": self.tensors_file, "sha256": self.tensors_sha256},
+            "reference": self.reference,
         }
 
     @classmethod
@@ -81,6 +100,7 @@ class CheckpointMeta:
                 license=data.get("license", ""),
                 tensors_file=data["tensors"]["file"],
                 tensors_sha256=data["tensors"]["sha256"],
+                reference=dict(data.get("reference") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint metadata is incomplete or invalid ({type(exc).__name__}: {exc})") from None
