@@ -12,8 +12,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_IMAGES ?= ../shared/data/pool
-# Debian packages some tests drive: Chromium and its WebDriver (the web page test), haproxy (load balancing).
-SYSTEM_PACKAGES := chromium chromium-driver haproxy
+# Debian packages some tests drive: Chromium and its WebDriver (the web page test), haproxy (load balancing),
+# docker-compose (validates docker-compose.yml; no container engine needed).
+SYSTEM_PACKAGES := chromium chromium-driver haproxy docker-compose
 
 .PHONY: setup system-deps serve test score bench clean
 
