@@ -24,10 +24,12 @@ IMAGE_FIELD_DOC = "the image: JPEG, PNG, WebP, GIF, BMP, TIFF or any other forma
 
 @dataclass
 class Prepared:
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None
     width: int
     height: int
     decode_s: float
+    warnings: list[str]  # model.quality codes: inputs the model cannot judge
+    image: object = None  # the decoded PIL image, kept for heatmaps only
 
 
 def _state(request: Request):
@@ -103,9 +105,11 @@ def _name(upload: UploadFile) -> str:
     return repr(upload.filename) if upload.filename else "the upload"
 
 
-async def _decode(state, upload: UploadFile, *, to_tensor: bool = True):
-    """Decode (and preprocess) an upload in the decode pool; ImageDecodeError -> ServiceError."""
+async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepared:
+    """Decode (and preprocess) an upload in the decode pool; ImageDecodeError -> ServiceError.
+    to_tensor=False keeps the decoded image instead of the tensor (heatmaps)."""
     from model.preprocess import ImageDecodeError, decode_image
+    from model.quality import input_warnings
 
     data = await _read_upload(state, upload)
     max_pixels = state.settings.max_pixels
@@ -114,10 +118,11 @@ async def _decode(state, upload: UploadFile, *, to_tensor: bool = True):
     def work():
         started = time.perf_counter()
         img = decode_image(data, max_pixels=max_pixels)
+        warns = input_warnings(img)
         if not to_tensor:
-            return img
+            return Prepared(None, img.width, img.height, time.perf_counter() - started, warns, img)
         tensor = preprocessing.image_to_tensor(img)
-        return Prepared(tensor, img.width, img.height, time.perf_counter() - started)
+        return Prepared(tensor, img.width, img.height, time.perf_counter() - started, warns)
 
     try:
         result = await asyncio.get_running_loop().run_in_executor(state.preprocess_pool, work)
@@ -126,6 +131,12 @@ async def _decode(state, upload: UploadFile, *, to_tensor: bool = True):
     if to_tensor:
         state.metrics.preprocess_time.observe(result.decode_s)
     return result
+
+
+def _percentile(state, score: float) -> float | None:
+    """The score's rank among the checkpoint's reference photos (None without a reference set)."""
+    rank = getattr(state.scorer, "percentile", None)
+    return rank(score) if rank is not None else None
 
 
 async def _await_deadline(awaitable, deadline: float):
@@ -171,7 +182,8 @@ async def score(request: Request, file: UploadFile = File(..., description=IMAGE
         future = admission.submit([prepared.tensor])[0]
     result = await _await_deadline(future, deadline)
     total = time.perf_counter() - started
-    return ScoreResponse(score=result.score, filename=file.filename, width=prepared.width, height=prepared.height,
+    return ScoreResponse(score=result.score, percentile=_percentile(state, result.score), warnings=prepared.warnings,
+                         filename=file.filename, width=prepared.width, height=prepared.height,
                          model=ModelInfo(**state.model_info), elapsed_ms=_ms(total),
                          timing=_timing(prepared, result, total))
 
@@ -210,8 +222,9 @@ async def score_batch(request: Request,
             items.append(BatchItem(index=i, filename=upload.filename, ok=False, error=ErrorDetail(**outcome.body()["error"])))
         else:
             result = results[i]
-            items.append(BatchItem(index=i, filename=upload.filename, ok=True, score=result.score, width=outcome.width,
-                                   height=outcome.height, timing=_timing(outcome, result, total)))
+            items.append(BatchItem(index=i, filename=upload.filename, ok=True, score=result.score,
+                                   percentile=_percentile(state, result.score), warnings=outcome.warnings,
+                                   width=outcome.width, height=outcome.height, timing=_timing(outcome, result, total)))
     return BatchResponse(model=ModelInfo(**state.model_info), elapsed_ms=_ms(total), scored=len(good),
                          failed=len(files) - len(good), results=items)
 
@@ -222,6 +235,11 @@ HEATMAP_HEADERS = {
     "X-Model": {"description": "checkpoint name@version", "schema": {"type": "string"}},
     "X-Image-Width": {"description": "decoded image width (the PNG has the same size)", "schema": {"type": "integer"}},
     "X-Image-Height": {"description": "decoded image height", "schema": {"type": "integer"}},
+    "X-Percentile": {"description": "the score's rank (0-100) among the checkpoint's reference photos, as /score "
+                                    "gives it; empty when the checkpoint has no reference set",
+                     "schema": {"type": "string"}},
+    "X-Warnings": {"description": "comma-separated codes of what the model cannot judge in this input (flat, "
+                                  "noise, text, low_resolution); empty if none", "schema": {"type": "string"}},
 }
 
 
@@ -267,7 +285,8 @@ async def heatmap(
     scorer = state.scorer
     slot = _HeatmapSlot(state, loop)
     try:
-        img = await _decode(state, file, to_tensor=False)
+        decoded = await _decode(state, file, to_tensor=False)
+        img = decoded.image
 
         def work():
             t0 = time.perf_counter()
@@ -288,8 +307,11 @@ async def heatmap(
             raise ServiceError("invalid_request", str(exc)) from None
     finally:
         slot.release_unless_handed_over()
+    percentile = _percentile(state, score_value)
     headers = {
         "X-Memorability-Score": f"{score_value:.8f}",
+        "X-Percentile": "" if percentile is None else f"{percentile:g}",
+        "X-Warnings": ",".join(decoded.warnings),
         "X-Model": f"{state.model_info['name']}@{state.model_info['version']}",
         "X-Image-Width": str(img.width), "X-Image-Height": str(img.height),
         "X-Elapsed-Ms": f"{_ms(time.perf_counter() - started)}",

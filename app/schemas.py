@@ -26,10 +26,16 @@ TIMING_EXAMPLE = {"total_ms": 18.4, "decode_ms": 4.1, "queue_ms": 5.3, "model_ms
 
 class ScoreResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "score": 0.7312, "filename": "beach.jpg", "width": 640, "height": 480,
+        "score": 0.7312, "percentile": 68.5, "warnings": [], "filename": "beach.jpg", "width": 640, "height": 480,
         "model": MODEL_EXAMPLE, "elapsed_ms": 18.4, "timing": TIMING_EXAMPLE}]})
 
     score: float = Field(ge=0.0, le=1.0, description="predicted memorability, 0 (forgettable) to 1 (memorable)")
+    percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=(
+        "the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when the "
+        "checkpoint has no reference set"))
+    warnings: list[str] = Field(default_factory=list, description=(
+        "codes for inputs the model cannot judge (its score then says little): flat, noise, text, low_resolution; "
+        "empty when none"))
     filename: str | None = Field(default=None, description="the upload's file name, as sent")
     width: int = Field(description="width of the decoded image (after EXIF rotation), pixels")
     height: int = Field(description="height of the decoded image (after EXIF rotation), pixels")
@@ -56,6 +62,12 @@ class BatchItem(BaseModel):
     filename: str | None = None
     ok: bool
     score: float | None = Field(default=None, ge=0.0, le=1.0)
+    percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=(
+        "the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when the "
+        "checkpoint has no reference set"))
+    warnings: list[str] = Field(default_factory=list, description=(
+        "codes for inputs the model cannot judge (its score then says little): flat, noise, text, low_resolution; "
+        "empty when none"))
     width: int | None = None
     height: int | None = None
     timing: Timing | None = None
@@ -66,9 +78,11 @@ class BatchResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": MODEL_EXAMPLE, "elapsed_ms": 31.0, "scored": 1, "failed": 1,
         "results": [
-            {"index": 0, "filename": "beach.jpg", "ok": True, "score": 0.7312, "width": 640, "height": 480,
+            {"index": 0, "filename": "beach.jpg", "ok": True, "score": 0.7312, "percentile": 68.5, "warnings": [],
+             "width": 640, "height": 480,
              "timing": TIMING_EXAMPLE, "error": None},
-            {"index": 1, "filename": "notes.txt", "ok": False, "score": None, "width": None, "height": None,
+            {"index": 1, "filename": "notes.txt", "ok": False, "score": None, "percentile": None, "warnings": [],
+             "width": None, "height": None,
              "timing": None, "error": error_body(415, "not_an_image", "not an image format that Pillow can read")["error"]},
         ]}]})
 

@@ -387,3 +387,46 @@ def test_settings_from_environment():
         ServiceSettings(device="tpu")
     table = ServiceSettings.table()
     assert table.count("| `RESMEMNET_") == len(ServiceSettings.__dataclass_fields__)
+
+
+# -- percentile and warnings (the lead's contract) -------------------------------------------
+class RankedScorer(SlowScorer):
+    """A real scorer whose checkpoint has a reference set: percentile = 100 x score."""
+
+    def percentile(self, score):
+        return round(100.0 * score, 2)
+
+
+def test_score_batch_and_heatmap_carry_percentile_and_warnings(scorer):
+    import io
+
+    from PIL import Image
+
+    from model.quality import input_warnings
+    from model.preprocess import decode_image
+
+    flat = io.BytesIO()
+    Image.new("RGB", (120, 90), (128, 128, 128)).save(flat, format="PNG")
+    flat = flat.getvalue()
+    photo = make_image(size=(120, 90), seed=7)
+    assert input_warnings(decode_image(flat)) == ["flat"]
+    expected_warnings = input_warnings(decode_image(photo))
+    with serving(RankedScorer(scorer)) as c:
+        body = c.post("/score", files={"file": ("flat.png", flat, "image/png")}).json()
+        assert body["warnings"] == ["flat"] and body["percentile"] == round(100 * body["score"], 2)
+        body = c.post("/score", files={"file": ("p.jpg", photo, "image/jpeg")}).json()
+        assert body["warnings"] == expected_warnings
+        batch = c.post("/score/batch", files=[("files", ("flat.png", flat, "image/png")),
+                                              ("files", ("bad.txt", b"nope", "text/plain"))]).json()
+        good, bad = batch["results"]
+        assert good["warnings"] == ["flat"] and good["percentile"] == round(100 * good["score"], 2)
+        assert bad["percentile"] is None and bad["warnings"] == []
+        r = c.post("/heatmap", files={"file": ("flat.png", flat, "image/png")})
+        assert r.status_code == 200, r.text
+        score = float(r.headers["X-Memorability-Score"])
+        assert r.headers["X-Warnings"] == "flat"
+        assert abs(float(r.headers["X-Percentile"]) - 100 * score) < 0.01
+    with serving(scorer) as c:  # the test checkpoint has no reference set
+        assert c.post("/score", files={"file": ("p.jpg", photo, "image/jpeg")}).json()["percentile"] is None
+        r = c.post("/heatmap", files={"file": ("p.jpg", photo, "image/jpeg")})
+        assert r.headers["X-Percentile"] == "" and r.headers["X-Warnings"] == ",".join(expected_warnings)
