@@ -103,15 +103,19 @@ def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image
     * Colour: `icc_profile` (default: the image's own `info["icc_profile"]`) is converted to sRGB
       through Pillow's ImageCms; a profile that cannot be read or does not fit the mode is ignored.
       Without a profile, CMYK, YCbCr, LAB and HSV are converted by Pillow's own formulas.
-    * Alpha (RGBA, LA, PA, P with transparency, RGBa, La): composited over white.
+    * Alpha (RGBA, LA, PA, P with transparency, RGBa, La, and a PNG colour key on L or RGB):
+      composited over white.
     The result carries no icc_profile, so converting it again changes nothing.
     """
     if icc_profile is None:
         icc_profile = img.info.get("icc_profile")
-    if img.mode == "RGB" and not icc_profile:
+    keyed = "transparency" in img.info  # a tRNS colour key (PNG): that colour is see-through
+    if img.mode == "RGB" and not icc_profile and not keyed:
         return img
     img = _to_8bit(img)
     alpha = None
+    if keyed and img.mode in ("L", "RGB"):
+        img = img.convert("LA" if img.mode == "L" else "RGBA")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif img.mode in ("PA", "RGBa", "RGBX"):

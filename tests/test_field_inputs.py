@@ -341,3 +341,12 @@ def test_more_files_than_the_multipart_parser_takes_is_413_too_many_files(client
     files = [("files", (f"{i}.png", b"x", "image/png")) for i in range(1001)]
     r = client.post("/score/batch", files=files)
     assert r.status_code == 413 and r.json()["error"]["reason"] == "too_many_files", r.text
+
+
+@pytest.mark.parametrize("mode,key", [("RGB", (1, 2, 3)), ("L", 7)])
+def test_a_png_colour_key_is_transparent_like_an_alpha_channel(mode, key):
+    img = Image.new(mode, (6, 4), 50 if mode == "L" else (10, 20, 30))
+    img.putpixel((0, 0), key)
+    got = decode_image(encode(img, "PNG", transparency=key))
+    assert got.getpixel((0, 0)) == (255, 255, 255)
+    assert got.getpixel((1, 1)) == ((50, 50, 50) if mode == "L" else (10, 20, 30))
