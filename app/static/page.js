@@ -1,4 +1,5 @@
 // ResMem-Net page: scores photos through the service's own API (POST /score, POST /heatmap).
+// URLs are relative, so the page also works behind a proxy that serves it under a path prefix.
 // No libraries and no external requests. Every text that came from a user or the server is set
 // with textContent, never as HTML.
 "use strict";
@@ -7,7 +8,7 @@
   const SCORE_AT_ONCE = 3;   // concurrent /score requests (the server batches them)
   const HEATMAPS_AT_ONCE = 1; // the server computes few heatmaps at a time (503 heatmap_busy beyond)
   const MAX_RETRIES = 5;      // automatic retries of a 503 answer before giving up
-  const HEATMAP_URL = "/heatmap?format=map&colormap=inferno";
+  const HEATMAP_URL = "heatmap?format=map&colormap=inferno";
 
   const WARNING_TEXT = {
     flat: "Flat or nearly flat image: the model cannot judge it, so the score means little.",
@@ -57,7 +58,7 @@
     polling = true;
     for (;;) {
       try {
-        const r = await fetch("/readyz", { cache: "no-store", headers: { Accept: "application/json" } });
+        const r = await fetch("readyz", { cache: "no-store", headers: { Accept: "application/json" } });
         const body = await r.json().catch(() => ({}));
         if (r.ok) {
           const m = body.model || {};
@@ -217,7 +218,7 @@
     $(".error", item.card).hidden = true;
     setProgress(item, "scoring", "Scoring…");
     try {
-      const r = await scoreSlot(() => postFile("/score", item.file, onBusyFor(item)));
+      const r = await scoreSlot(() => postFile("score", item.file, onBusyFor(item)));
       const body = await r.json();
       item.score = body.score;
       item.percentile = typeof body.percentile === "number" ? body.percentile : null;
