@@ -92,8 +92,20 @@ def serve(weights: Path, log: Path):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    with serve(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log") as base:
+def ranked_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The test checkpoint with reference quantiles (0, 0.01, ..., 1), so that scores get percentiles."""
+    folder = tmp_path_factory.mktemp("ranked")
+    shutil.copy(tiny_checkpoint.with_suffix(".safetensors"), folder)
+    meta = json.loads(tiny_checkpoint.read_text())
+    meta["reference"] = {"set": "test", "n": 101, "quantiles": [i / 100 for i in range(101)]}
+    path = folder / tiny_checkpoint.name
+    path.write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ranked_checkpoint, tmp_path_factory):
+    with serve(ranked_checkpoint, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
 
 
@@ -179,6 +191,12 @@ def cards(driver) -> dict:
         }));""")}
 
 
+def ordinal(value: float) -> str:
+    n = round(value)
+    suffix = "th" if 11 <= n % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def open_page(driver, base: str):
     driver.get(base + "/")
     wait_for(lambda: driver.execute_script(
@@ -214,8 +232,7 @@ def test_page_scores_two_photos_shows_overlays_and_a_bad_files_message(browser, 
         assert card["state"] == "done", card
         assert float(card["score"]) == pytest.approx(expected["score"], abs=1e-5)
         assert card["shown"] == f"{expected['score']:.3f}"
-        if expected.get("percentile") is not None:
-            assert card["percentile"].startswith("·") and "percentile" in card["percentile"]
+        assert card["percentile"] == f"· {ordinal(expected['percentile'])} percentile"
         assert card["warnings"] == list(expected.get("warnings") or [])
         assert card["heat"] == expected["width"], "the overlay PNG loaded at the photo's width"
         assert card["photo"] == expected["width"]
@@ -304,6 +321,22 @@ def test_a_busy_service_is_retried_with_a_message(browser, server, uploads):
     assert float(card["score"]) == pytest.approx(api_score(server, good[0])["score"], abs=1e-5)
     messages = browser.execute_script("return window.busyMessages")
     assert any("The service is busy. Trying again in 1 s (attempt 1 of 5)" in m for m in messages), messages
+
+
+def test_warnings_are_shown_in_words(browser, server, tmp_path):
+    """A flat grey picture is one the model cannot judge: the card says so, in words."""
+    flat = tmp_path / "grey.png"
+    Image.new("RGB", (160, 120), (128, 128, 128)).save(flat)
+    expected = api_score(server, flat)
+    assert "flat" in expected["warnings"]
+    open_page(browser, server)
+    upload(browser, [flat])
+    card = wait_for(settled(browser, 1), what="the grey picture to be scored")["grey.png"]
+    assert card["state"] == "done" and card["warnings"] == expected["warnings"]
+    texts = browser.execute_script("return Array.from(document.querySelectorAll('.warnings li')).map(li => li.textContent)")
+    assert any("Flat or nearly flat image" in t for t in texts), texts
+    row = browser.execute_script("return document.querySelector('#table tbody tr').innerText")
+    assert "flat" in row
 
 
 def test_page_is_readable_at_phone_width(browser, server, uploads, tmp_path):

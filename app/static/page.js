@@ -14,7 +14,8 @@
     flat: "Flat or nearly flat image: the model cannot judge it, so the score means little.",
     noise: "Looks like random noise: the score means little.",
     text: "Mostly text: the model was made for photos, so the score means little.",
-    upscaled: "Upscaled from a very small image (under 64 px): details the model relies on are missing.",
+    low_resolution: "Very low resolution (under 64 px of detail): what the model relies on is missing.",
+    upscaled: "Upscaled from a very small image: what the model relies on is missing.",
   };
   const REASON_TEXT = {
     not_an_image: "This file is not an image the service can read.",
