@@ -76,7 +76,7 @@ def test_percentile_and_warnings_reach_csv_and_json(tmp_path, tiny_checkpoint, m
     def with_extras(self, paths, **kwargs):
         for row in real(self, paths, **kwargs):
             if row.ok:
-                row.percentile, row.warnings = 42.5, ["flat", "upscaled"]
+                row.percentile, row.warnings = 42.5, ["flat", "low_resolution"]
             yield row
 
     monkeypatch.setattr(scoring.Scorer, "score_paths", with_extras)
@@ -86,10 +86,10 @@ def test_percentile_and_warnings_reach_csv_and_json(tmp_path, tiny_checkpoint, m
         assert main(["score", str(tmp_path / "a.jpg"), str(tmp_path / "gone.jpg"), "--weights", str(tiny_checkpoint),
                      "--out", str(out)]) == 1
     good, missing = list(csv.DictReader(csv_out.open(newline="")))
-    assert good["percentile"] == "42.5" and good["warnings"] == "flat;upscaled"
+    assert good["percentile"] == "42.5" and good["warnings"] == "flat;low_resolution"
     assert missing["percentile"] == "" and missing["warnings"] == ""
     good, missing = json.loads(json_out.read_text())
-    assert good["percentile"] == 42.5 and good["warnings"] == ["flat", "upscaled"]
+    assert good["percentile"] == 42.5 and good["warnings"] == ["flat", "low_resolution"]
     assert missing["percentile"] is None and missing["warnings"] == []
 
 
