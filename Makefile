@@ -12,6 +12,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_IMAGES ?= ../shared/data/pool
+BENCH_N ?= 32
 # Debian packages some tests drive: Chromium and its WebDriver (the web page test), haproxy (load balancing),
 # docker-compose (validates docker-compose.yml; no container engine needed).
 SYSTEM_PACKAGES := chromium chromium-driver haproxy docker-compose
@@ -48,7 +49,7 @@ score: setup
 
 bench: setup
 	@if [ ! -d "$(BENCH_IMAGES)" ]; then echo "make bench: no folder $(BENCH_IMAGES); give BENCH_IMAGES=a folder of photos"; exit 2; fi
-	$(PY) bench/bench_scorer.py --only shipped --n 32 --images $(BENCH_IMAGES)
+	$(PY) bench/bench_scorer.py --only shipped --n $(BENCH_N) --images $(BENCH_IMAGES)
 	$(PY) bench/bench_heatmap.py --weights weights/resmemnet-default.json --repeats 2 --layers layer4
 
 clean:
