@@ -206,12 +206,23 @@ def checkpoint_info(weights: str) -> dict:
     info = dict(raw)
     info["parameters"] = {"total": count_parameters(model), "head": count_parameters(model.head),
                           "trunk": count_parameters(model.trunk)}
+    info["software"] = {name: _installed(name) for name in ("resmemnet", "torch")}  # what reads it now
     if meta.trunk.package and not meta.trunk_embedded:
         try:
             info["trunk"]["installed"] = version(meta.trunk.package)
         except PackageNotFoundError:
             info["trunk"]["installed"] = None
     return scrub_paths(info)
+
+
+def _installed(package: str) -> str | None:
+    """An installed package's version from its metadata (no import), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def run_info(args) -> int:
@@ -285,6 +296,9 @@ def summary(info: dict) -> str:
         commit = (prov.get("git_commit") or "?")[:10]
         dirty = " (uncommitted changes)" if prov.get("git_dirty") else ""
         rows.append(("made", f"{str(prov.get('date', '?'))[:10]} from commit {commit}{dirty}, torch {prov.get('torch', '?')}"))
+    software = info.get("software", {})
+    if software.get("resmemnet"):
+        rows.append(("software", f"resmemnet {software['resmemnet']}, torch {software.get('torch') or 'not installed'}"))
     if info.get("license"):
         rows.append(("licence", info["license"]))
     if info.get("intended_use"):

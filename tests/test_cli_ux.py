@@ -125,8 +125,10 @@ def test_info_is_a_short_summary_without_machine_paths(checkpoint_with_machine_p
     text = capsys.readouterr().out
     assert len(text.splitlines()) < 30
     assert "/home/alice" not in text and "/srv/" not in text
+    from importlib.metadata import version
+
     for label in ("parameters  25,606,081", "results", "2-fold CV on lnsim: Spearman 0.500 ± 0.020",
-                  "resmemnet info --json"):
+                  f"software    resmemnet {version('resmemnet')}, torch ", "resmemnet info --json"):
         assert label in text
 
 
@@ -139,6 +141,9 @@ def test_info_json_has_everything_but_machine_paths(checkpoint_with_machine_path
     assert info["metrics"]["cross_validation"]["run_dir"] == ".../cv"
     assert info["intended_use"] == "testing; see https://example.org/a/b for the details"  # kept, URL untouched
     assert info["parameters"]["total"] == 25_606_081
+    from importlib.metadata import version
+
+    assert info["software"]["resmemnet"] == version("resmemnet")  # the one version: the package's metadata
 
 
 @pytest.mark.parametrize("text,expected", [
