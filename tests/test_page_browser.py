@@ -323,6 +323,27 @@ def test_a_busy_service_is_retried_with_a_message(browser, server, uploads):
     assert any("The service is busy. Trying again in 1 s (attempt 1 of 5)" in m for m in messages), messages
 
 
+def test_a_dropped_photo_is_scored(browser, server):
+    """Drag and drop: a photo dropped on the drop zone is scored like a picked one."""
+    open_page(browser, server)
+    browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const canvas = document.createElement('canvas');
+        canvas.width = 96; canvas.height = 64;
+        const g = canvas.getContext('2d');
+        g.fillStyle = '#3a7'; g.fillRect(0, 0, 96, 64);
+        g.fillStyle = '#fc3'; g.beginPath(); g.arc(60, 20, 12, 0, 7); g.fill();
+        canvas.toBlob(blob => {
+          const dt = new DataTransfer();
+          dt.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+          document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+          done();
+        }, 'image/png');""")
+    card = wait_for(settled(browser, 1), what="the dropped photo to be scored")["dropped.png"]
+    assert card["state"] == "done" and 0.0 <= float(card["score"]) <= 1.0
+    assert card["heat"] == 96
+
+
 def test_warnings_are_shown_in_words(browser, server, tmp_path):
     """A flat grey picture is one the model cannot judge: the card says so, in words."""
     flat = tmp_path / "grey.png"
