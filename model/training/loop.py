@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from .common import TrainError, to_plain
 from .config import Config
+from .distributed import (SINGLE, Dist, all_reduce_sum, barrier, broadcast_object, broadcast_tensors, local_part,
+                          restore_batchnorm, sync_batchnorm, wrap_ddp)
 from .model_setup import amp_dtype, epoch_seed
 from .pool import ImageLoader, Pool, RunSpec, train_batches
 from .predict import calibrate_score, metrics_on, teacher_truth
@@ -24,11 +25,15 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: Config, loader: ImageLoader,
-              rng: np.random.Generator, device, amp, desc: str) -> dict:
+              rng: np.random.Generator, device, amp, desc: str, *, step=None, dist: Dist = SINGLE) -> dict:
+    """One epoch over the global batches of `spec.train_idx`; under torchrun this rank runs its
+    share of every batch (`local_part`) and the returned sums are over all ranks.
+    `step`: the TrainStep (or its DDP wrapper) to call; built here when None."""
     import torch
 
-    from .optim import optimizer_step
+    from .optim import CostAugmentedAdam, optimizer_step
     from .schedule import one_cycle_lr, set_lr
+    from .step import TrainStep
 
     augs = cfg.data.augmentations
     order = rng.permutation(spec.train_idx)
@@ -41,35 +46,27 @@ def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: C
         batches = batches[:cfg.train.max_batches_per_epoch]
     if not batches:
         raise TrainError(f"{spec.name}: no training batch (too few images for batch size {cfg.train.batch_size})")
-    n_batches = len(batches)
+    n_batches = len(batches)  # global steps: the same count on every rank
+    local = [local_part(b, dist) for b in batches]
     targets = torch.from_numpy(spec.targets)
     weights = torch.from_numpy(spec.weights)
     model.train()
-    channels_last = device.type == "cuda"
-    dtype, _ = amp
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
-    trunk_grad = torch.enable_grad if not phase.frozen else torch.no_grad
+    if step is None:
+        step = TrainStep(model, cached=phase.cached, frozen=phase.frozen, amp_dtype=amp[0],
+                         channels_last=device.type == "cuda")
     sums = {"loss": 0.0, "lab": 0.0, "n_lab": 0, "teach": 0.0, "n_teach": 0, "images": 0}
     if phase.cached:
-        source = ((torch.from_numpy(pool.features.rows(b, aug_of[b])), b) for b in batches)
+        source = ((torch.from_numpy(pool.features.rows(b, aug_of[b])), b) for b in local)
     else:
-        source = loader.iterate(batches, [augs[a] for a in aug_of], pin=device.type == "cuda")
+        source = _local_images(loader, batches, local, [augs[a] for a in aug_of], pin=device.type == "cuda")
     start = time.perf_counter()
-    bar = _progress(n_batches, desc, cfg.train.progress)
+    bar = _progress(n_batches, desc, cfg.train.progress and dist.is_main)
     try:
         for b, (x, idx) in enumerate(source):
             set_lr(optimizer, one_cycle_lr(b, n_batches, phase.lr_min, phase.lr_max))
             x = x.to(device, non_blocking=True)
-            if phase.cached:
-                pooled = model.head.split_flat(x)
-            else:
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with trunk_grad(), autocast():
-                    pooled = model.forward_features(x)
-                pooled = [p.float() for p in pooled]
-            tidx = torch.from_numpy(np.asarray(idx))
-            outputs = model.head.member_outputs(pooled)  # (members, B, outputs); the head runs in fp32
+            tidx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            outputs = step(x)  # (members, B, outputs)
             if model.cfg.teacher_output:  # teacher rows train their own output
                 is_teacher = (tidx >= pool.n_labelled).to(device)
                 pred = torch.where(is_teacher, outputs[..., 1], outputs[..., 0])
@@ -78,28 +75,39 @@ def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: C
             y, w = targets[tidx].to(device), weights[tidx].to(device)
             # Every ensemble member fits the targets on its own (not their mean), so they stay diverse.
             err = (pred - y) ** 2
-            loss = (w * err).mean()
+            weighted = (w * err).sum()
+            if dist.enabled:
+                # this rank's share of the global batch's mean; DDP averages the gradients over ranks
+                loss = weighted * (dist.world / (err.shape[0] * len(batches[b])))
+            else:
+                loss = (w * err).mean()
             err = err.mean(dim=0)
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            optimizer_step(optimizer, loss, scaler)
+            batch_loss = loss
+            if dist.enabled and isinstance(optimizer, CostAugmentedAdam):  # it steps on the global batch loss
+                batch_loss = torch.tensor(all_reduce_sum([float(loss.detach())], dist, device)[0] / dist.world)
+            optimizer_step(optimizer, batch_loss, scaler)
             err = err.detach().cpu().numpy()
             is_lab = np.asarray(idx) < pool.n_labelled
-            sums["loss"] += float(loss.detach()) * len(idx)
+            sums["loss"] += float(weighted.detach()) / outputs.shape[0]
             sums["lab"] += float(err[is_lab].sum())
             sums["n_lab"] += int(is_lab.sum())
             sums["teach"] += float(err[~is_lab].sum())
             sums["n_teach"] += int((~is_lab).sum())
             sums["images"] += len(idx)
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.4f}")
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['images'], 1):.4f}")
     finally:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if dist.enabled:
+        keys = list(sums)
+        sums = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], dist, device).tolist()))
     seconds = time.perf_counter() - start
     return {
-        "batches": n_batches, "images": sums["images"],
+        "batches": n_batches, "images": int(sums["images"]),
         "train_loss": sums["loss"] / max(sums["images"], 1),
         "labelled_mse": sums["lab"] / sums["n_lab"] if sums["n_lab"] else None,
         "teacher_mse": sums["teach"] / sums["n_teach"] if sums["n_teach"] else None,
@@ -107,13 +115,38 @@ def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: C
     }
 
 
+def _local_images(loader: ImageLoader, batches, local, augs, *, pin: bool):
+    """(images, indices) of this rank's share of every global batch; an empty share (a global
+    batch smaller than the world) is a zero-row tensor, so the rank still joins the step."""
+    import torch
+
+    it = loader.iterate([p for p in local if len(p)], augs, pin=pin)
+    for whole, part in zip(batches, local):
+        if len(part):
+            yield next(it)
+        else:
+            h, w = loader.shape(int(whole[0]))
+            yield torch.zeros((0, 3, h, w)), part
+
+
 def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, device, budget: EpochBudget,
-        *, log=print) -> dict | None:
+        *, log=print, dist: Dist = SINGLE) -> dict | None:
     """Train through every phase, resuming from spec.dir/state when it holds a state.
-    Returns {"epoch": chosen epoch, "trunk_changed": ...}, or None when --stop-after stopped it."""
+    Returns {"epoch": chosen epoch, "trunk_changed": ...}, or None when --stop-after stopped it.
+    Under torchrun every rank calls this; rank 0 alone writes the state, log and TensorBoard files."""
+    changed = sync_batchnorm(model) if dist.enabled else []
+    try:
+        return _fit(cfg, model, pool, spec, loader, device, budget, log=log, dist=dist)
+    finally:
+        restore_batchnorm(changed)
+
+
+def _fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, device, budget: EpochBudget,
+         *, log, dist: Dist) -> dict | None:
     import torch
 
     from .optim import build_optimizer
+    from .step import TrainStep
 
     state_dir = spec.dir / "state"
     info = read_training_state(state_dir)
@@ -129,14 +162,17 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
         torch.backends.cudnn.benchmark = True  # few input shapes: autotuned convolutions pay off
     head_only = not cfg.trunk_trained  # the trunk can be rebuilt from its source while it is never trained
     if model.cfg.head == "readout":
-        readout = fit_readout_head(model, pool, spec, cfg, device, log=log)
+        # closed form, about a minute on one process: rank 0 fits, the others receive the weights
+        readout = fit_readout_head(model, pool, spec, cfg, device, log=log) if dist.is_main else None
+        broadcast_tensors([model.head.out.weight, model.head.out.bias], dist)
+        readout = broadcast_object(readout, dist)
         model.eval()
         if model.cfg.teacher_output:
             calibrate_score(model, pool, spec, cfg, loader, device, False, log=log)
         return {"epoch": 0, "trunk_changed": False, "history": history, "best": None, "readout": readout}
     schedule = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
-    writer = _tensorboard(spec.dir)
-    optimizer = scaler = None
+    writer = _tensorboard(spec.dir) if dist.is_main else None
+    optimizer = scaler = step = None
     current = None
     for epoch, (p, e) in enumerate(schedule):
         if epoch < done:
@@ -149,6 +185,10 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
             model.set_trunk_frozen(phase.frozen)
             optimizer = build_optimizer(model.parameters(), cfg.optimizer, phase.lr_min)
             scaler = torch.amp.GradScaler("cuda") if (amp[1] and not phase.frozen) else None
+            step = TrainStep(model, cached=phase.cached, frozen=phase.frozen, amp_dtype=amp[0],
+                             channels_last=device.type == "cuda")
+            if dist.enabled:  # rebuilt per phase: the trainable parameters change with phase.frozen
+                step = wrap_ddp(step, dist, device)
             if e > 0:  # resuming inside a phase: its optimiser (and loss scaler) carry on
                 if not (state_dir / "optimizer.pt").is_file():
                     raise TrainError(f"{state_dir / 'optimizer.pt'} is missing; cannot resume inside phase {phase.name}")
@@ -159,14 +199,16 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
             if not phase.frozen and device.type == "cpu":
                 log(f"{spec.name}: phase {phase.name} trains the whole network on the CPU (fine for tiny runs only)")
             current = p
-        torch.manual_seed(epoch_seed(cfg.train.seed, spec.name, epoch) % (2 ** 63))
+        # batches come from `rng` (the same on every rank); dropout draws differ per rank
+        torch.manual_seed((epoch_seed(cfg.train.seed, spec.name, epoch) + dist.rank) % (2 ** 63))
         rng = np.random.default_rng(epoch_seed(cfg.train.seed, spec.name, epoch))
         desc = f"{spec.name} {phase.name} {e + 1}/{phase.epochs}"
         threads = torch.get_num_threads()
         if phase.cached and device.type == "cpu":
             torch.set_num_threads(1)  # the head's ops are tiny: extra threads only add synchronisation stalls
         try:
-            row = run_epoch(model, phase, optimizer, scaler, pool, spec, cfg, loader, rng, device, amp, desc)
+            row = run_epoch(model, phase, optimizer, scaler, pool, spec, cfg, loader, rng, device, amp, desc,
+                            step=step, dist=dist)
         finally:
             torch.set_num_threads(threads)
         trunk_changed = trunk_changed or not phase.frozen
@@ -186,15 +228,16 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
         val_score = -1.0 if val_score != val_score else val_score  # constant predictions (NaN rho) rank last
         if val and (best is None or val_score > best["val_spearman"]):
             best = {"epoch": epoch + 1, "val_spearman": val_score}
-            if cfg.train.select == "best_val":
+            if cfg.train.select == "best_val" and dist.is_main:
                 (state_dir).mkdir(parents=True, exist_ok=True)
                 save_model_state(model, state_dir / "best.safetensors", head_only=head_only)
-        save_training_state(state_dir, model, optimizer, {
-            "run": spec.name, "completed_epochs": epoch + 1, "phase": p, "phase_epoch": e + 1,
-            "trunk_changed": trunk_changed, "best": best, "history": history,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        }, head_only=head_only)
-        write_log(spec.dir / "log.csv", history)
+        if dist.is_main:  # every rank holds the same weights and optimiser state
+            save_training_state(state_dir, model, optimizer, {
+                "run": spec.name, "completed_epochs": epoch + 1, "phase": p, "phase_epoch": e + 1,
+                "trunk_changed": trunk_changed, "best": best, "history": history,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }, head_only=head_only)
+            write_log(spec.dir / "log.csv", history)
         if writer is not None:
             for key in ("train_loss", "labelled_mse", "teacher_mse", "val_spearman", "teacher_holdout_spearman"):
                 if row.get(key) is not None:
@@ -205,6 +248,7 @@ def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, devi
         writer.close()
     chosen = len(schedule)
     if cfg.train.select == "best_val" and best is not None:
+        barrier(dist)  # rank 0 wrote it
         load_model_state(model, state_dir / "best.safetensors")
         chosen = best["epoch"]
         log(f"{spec.name}: using epoch {chosen} (best inner-validation rho {best['val_spearman']:.4f})")

@@ -6,6 +6,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from .common import TrainError
 from .config import Config, ConfigError
 from .data import (DatasetError, ScoredImages, default_split_file, indices_for, load_dataset,
                    load_or_create_splits, load_teacher, map_teacher_scores, read_splits, write_splits)
+from .distributed import SINGLE, Dist, barrier
 from .model_setup import trunk_identity
 
 
@@ -221,8 +223,10 @@ def prepare_pool(cfg: Config, run_dir: Path, labelled: ScoredImages, teacher: Sc
     return Pool(labelled, teacher, plan)
 
 
-def attach_features(cfg: Config, pool: Pool, model, source, preprocessing, device, log=print) -> None:
-    """Build or load the frozen trunk's feature cache, when a cached phase or a readout head needs it."""
+def attach_features(cfg: Config, pool: Pool, model, source, preprocessing, device, log=print, *,
+                    dist: Dist = SINGLE) -> None:
+    """Build or load the frozen trunk's feature cache, when a cached phase or a readout head needs it.
+    Under torchrun the extraction is split over the ranks (`sharded_cached_features`)."""
     import hashlib
 
     from .features import cache_key, cached_features
@@ -246,11 +250,55 @@ def attach_features(cfg: Config, pool: Pool, model, source, preprocessing, devic
             label = pool.labelled.name if name == "labelled" else "teacher"
             file = Path(cfg.data.cache_dir) / f"{label}-{source.depth}-{digest}.npy"
         start = time.perf_counter()
-        feats = cached_features(file, model, preprocessing, paths, trunk_id=trunk_id, augmentations=augs,
-                                batch_size=cfg.train.eval_batch_size, workers=cfg.data.workers, device=device)
+        build = partial(sharded_cached_features, dist=dist) if dist.enabled else cached_features
+        feats = build(file, model, preprocessing, paths, trunk_id=trunk_id, augmentations=augs,
+                      batch_size=cfg.train.eval_batch_size, workers=cfg.data.workers, device=device)
         log(f"features: {name} {feats.shape} from {file} ({time.perf_counter() - start:.1f} s)")
         parts.append(feats)
     pool.features = FeatureTable(parts, augs)
+
+
+def sharded_cached_features(file: Path, model, preprocessing, paths: list[str], *, trunk_id: str, augmentations,
+                            dist: Dist, **kwargs) -> np.ndarray:
+    """features.cached_features with the extraction split over the ranks: rank r extracts images
+    r, r + N, r + 2N, ... into a part cache of its own (kept until merged, so an interrupted job
+    resumes), rank 0 interleaves the parts into the cache file, and every rank loads it."""
+    from .features import cache_key, cached_features
+
+    file = Path(file)
+    key = cache_key(trunk_id, preprocessing, paths, augmentations, model.cfg.taps)
+    if not _cache_matches(file, key):
+        def part(r):
+            return file.with_name(f"{file.stem}.part{r}of{dist.world}.npy")
+
+        mine = [paths[i] for i in range(dist.rank, len(paths), dist.world)]
+        cached_features(part(dist.rank), model, preprocessing, mine, trunk_id=trunk_id,
+                        augmentations=augmentations, **kwargs)
+        barrier(dist)
+        if dist.is_main:
+            shards = [np.load(part(r), mmap_mode="r") for r in range(dist.world)]
+            full = np.empty((len(paths),) + shards[0].shape[1:], dtype=shards[0].dtype)
+            for r, shard in enumerate(shards):
+                full[r::dist.world] = shard
+            tmp = file.with_suffix(".tmp.npy")
+            np.save(tmp, full)  # the layout features.cached_features reads back
+            tmp.replace(file)
+            file.with_suffix(".json").write_text(json.dumps(key, indent=1))
+            del shards
+            for r in range(dist.world):
+                part(r).unlink(missing_ok=True)
+                part(r).with_suffix(".json").unlink(missing_ok=True)
+        barrier(dist)
+    return cached_features(file, model, preprocessing, paths, trunk_id=trunk_id, augmentations=augmentations,
+                           **kwargs)
+
+
+def _cache_matches(file: Path, key: dict) -> bool:
+    sidecar = file.with_suffix(".json")
+    try:
+        return file.is_file() and json.loads(sidecar.read_text()) == key
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def check_explicit_cache(file: Path, key: dict, where: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .common import TrainError, to_plain
 from .config import Config
+from .distributed import SINGLE, Dist
 from .loop import fit
 from .model_setup import amp_dtype
 from .pool import Pool, RunSpec, make_run_spec
@@ -18,7 +19,10 @@ from .predict import blend_curve, metrics_on, predict, teacher_truth
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget, log=print) -> bool:
+def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget, log=print, *,
+           dist: Dist = SINGLE) -> bool:
+    """Train and test every fold (resuming finished folds from their result.json); write cv.json/.csv.
+    Under torchrun all ranks train each fold; rank 0 alone tests it and writes the files."""
     from .evaluate import build_report, format_report, split_result, summarize_blend_curves, write_report
 
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -33,9 +37,11 @@ def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget
         model.load_state_dict(init_state)
         spec = make_run_spec(cfg, pool, fold["name"], fold_dir, fold["train"], fold["val"], fold["test"])
         log(f"{fold['name']}: {json.dumps(spec.counts(pool))}")
-        summary = fit(cfg, model, pool, spec, loader, device, budget, log=log)
+        summary = fit(cfg, model, pool, spec, loader, device, budget, log=log, dist=dist)
         if summary is None:
             return False
+        if not dist.is_main:
+            continue
         amp = amp_dtype(cfg, device)
         pred = predict(model, pool, spec.test_idx, cfg, loader, device, trunk_changed=summary["trunk_changed"],
                        amp=amp)
@@ -54,6 +60,8 @@ def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget
         done_file.write_text(json.dumps(to_plain(result), indent=1) + "\n")
         results.append(result)
         log(f"{fold['name']}: test rho {result['row']['spearman']:.4f} (n={result['row']['n']})")
+    if not dist.is_main:
+        return True
     info = {"splits_file": pool.plan.get("source", ""), "run_dir": str(run_dir), "config": cfg.to_dict()}
     if results and all(r.get("blend_curve") for r in results):
         info["blend_curve"] = summarize_blend_curves([r["blend_curve"] for r in results])
@@ -74,12 +82,15 @@ def write_predictions(path: Path, pool: Pool, idx, pred) -> None:
 
 
 def run_final(cfg: Config, run_dir: Path, pool: Pool, model, source, preprocessing, loader, device, budget,
-              run_info: dict, log=print) -> bool:
+              run_info: dict, log=print, *, dist: Dist = SINGLE) -> bool:
+    """Train the final model on the plan's final split; rank 0 writes metrics.json and the checkpoint."""
     spec = make_run_spec(cfg, pool, "final", run_dir, pool.plan["final"]["train"], pool.plan["final"]["val"], [])
     log(f"final: {json.dumps(spec.counts(pool))}")
-    summary = fit(cfg, model, pool, spec, loader, device, budget, log=log)
+    summary = fit(cfg, model, pool, spec, loader, device, budget, log=log, dist=dist)
     if summary is None:
         return False
+    if not dist.is_main:
+        return True
     amp = amp_dtype(cfg, device)
     final_metrics: dict = {"epoch": summary["epoch"]}
     val = metrics_on(model, pool, spec.val_idx, pool.labelled.scores[spec.val_idx], cfg, loader, device,

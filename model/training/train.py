@@ -10,6 +10,7 @@ split into modules with one job each (open_clip style):
 - loop.py: one epoch and all phases of one run (`fit`); readout_fit.py: the closed-form readout head
 - predict.py: scores, score calibration, blend curve
 - runs.py: cross-validation and the final model's checkpoint
+- distributed.py, step.py: torchrun (DistributedDataParallel; see distributed.py for how work is split)
 
 A run folder holds config.toml/.json (resolved), run.json (mode, command), splits.json (the
 folds it used), log.csv (one row per epoch) and state/ (what --resume needs: model tensors as
@@ -29,6 +30,7 @@ from pathlib import Path
 from .common import TrainError, to_plain
 from .config import ConfigError, config_from_dict, load_config, save_config, to_toml
 from .data import DatasetError
+from .distributed import barrier, broadcast_object, init_distributed, shutdown
 from .loop import fit, run_epoch
 from .model_setup import (amp_dtype, build_model, epoch_seed, preprocessing_for, resolve_device, trunk_identity,
                           trunk_source_for)
@@ -119,28 +121,50 @@ def _run(args, argv) -> int:
                     "cv_results": args.cv_results}
     if run_info.get("cv_results"):
         read_cv_results(run_info["cv_results"])  # fail before training, not after
-    device = resolve_device(cfg.train.device)
-    # data and trunk first: a missing folder or weight file must not leave a run folder behind
+    # under torchrun: join the job (every rank has read the run folder by now; rank 0 writes it)
+    dist, device_name = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, args, dist, device_name, run_dir, run_info, mode)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg, args, dist, device_name: str, run_dir: Path, run_info: dict, mode: str) -> int:
+    device = resolve_device(device_name)
+    run_dir = Path(broadcast_object(str(run_dir), dist))  # a default folder name holds rank 0's clock
+    log = _log if dist.is_main else _quiet
+    # data and trunk first: a missing folder or weight file must not leave a run folder behind.
+    # Rank 0 goes first wherever files may be written (dataset caches, split files).
+    if not dist.is_main:
+        barrier(dist)
     labelled, teacher = load_data(cfg)
     model, source = build_model(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
-    _log(f"run folder: {run_dir} ({mode}, device {device})")
-
-    pool = prepare_pool(cfg, run_dir, labelled, teacher, resume=bool(args.resume), log=_log)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+        workers = f", {dist.world} processes ({dist.backend})" if dist.enabled else ""
+        log(f"run folder: {run_dir} ({mode}, device {device}{workers})")
+        pool = prepare_pool(cfg, run_dir, labelled, teacher, resume=bool(args.resume), log=log)
+        barrier(dist)
+    else:
+        pool = prepare_pool(cfg, run_dir, labelled, teacher, resume=True, log=log)  # rank 0's splits.json
     preprocessing = preprocessing_for(cfg, model)
-    attach_features(cfg, pool, model, source, preprocessing, device, log=_log)
+    attach_features(cfg, pool, model, source, preprocessing, device, log=log, dist=dist)
     loader = ImageLoader(pool.paths, preprocessing, cfg.data.workers)
     budget = EpochBudget(args.stop_after)
     if mode == "cv":
-        finished = run_cv(cfg, run_dir, pool, model, loader, device, budget, log=_log)
+        finished = run_cv(cfg, run_dir, pool, model, loader, device, budget, log=log, dist=dist)
     else:
         finished = run_final(cfg, run_dir, pool, model, source, preprocessing, loader, device, budget, run_info,
-                             log=_log)
+                             log=log, dist=dist)
     if not finished:
-        _log(f"stopped after {args.stop_after} epoch(s); continue with: resmemnet train --resume {run_dir}")
+        log(f"stopped after {args.stop_after} epoch(s); continue with: resmemnet train --resume {run_dir}")
     return EXIT_OK
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 reports for the whole job."""
 
 
 if __name__ == "__main__":
