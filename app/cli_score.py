@@ -29,9 +29,10 @@ def register(sub) -> None:
                    help="full fp32 everywhere (default: the trunk in fp16 on CUDA and in bf16 on CPUs with "
                         "native bf16; scores then differ from fp32 by about 2e-3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
-                   help="inference engine (default: $RESMEMNET_BACKEND, else torch); onnxruntime runs the model's "
-                        "ONNX export on the CPU in fp32, exported and cached on first use (docs/benchmarks.md)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default=None,
+                   help="inference engine (default: $RESMEMNET_BACKEND, else auto: onnxruntime on a CPU where it is "
+                        "installed, else torch). onnxruntime runs the model's ONNX export in fp32 (exported and "
+                        "cached on first use); scores equal torch --fp32 within 1e-3 (docs/benchmarks.md)")
     p.set_defaults(func=run_score)
 
     q = sub.add_parser("info", help="summarise a checkpoint: model, parameters, data, results, licence",
@@ -126,7 +127,8 @@ def run_score(args) -> int:
     entries = ordered_inputs(args.paths)
     if not entries:
         return fail("no files found under the given paths")
-    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32, backend=args.backend)
+    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32,
+                         backend=args.backend or os.environ.get("RESMEMNET_BACKEND") or "auto")
     files = [path for path, exists in entries if exists]
     progress = Progress(len(files), enabled=not args.no_progress)
     try:
@@ -188,24 +190,59 @@ def scrub_paths(value):
     return value
 
 
+# Parameters of the torchvision-layout ResNet trunks without their classifier (tests/test_cli_ux.py
+# checks them against the built models); a trunk read from a package is not in the tensor file.
+TRUNK_PARAMETERS = {"resnet50": 23_508_032, "resnet101": 42_500_160, "resnet152": 58_143_808}
+# State-dict entries that are buffers, not parameters.
+BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked", "input_mean", "input_std"})
+
+
+def parameter_counts(meta, tensors_path: Path) -> dict:
+    """{"total", "head", "trunk"} parameter counts from the tensor file's header (no torch, no weights read).
+
+    Raises CheckpointError when the file is missing or not a safetensors file."""
+    import struct
+
+    from model.checkpoint import CheckpointError
+
+    try:
+        with open(tensors_path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+    except (OSError, struct.error, ValueError) as exc:
+        raise CheckpointError(f"cannot read the tensor file {tensors_path.name} ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{tensors_path.name} is not a safetensors file")
+    counts = {"head": 0, "trunk": 0, "other": 0}
+    for name, spec in header.items():
+        if name == "__metadata__" or name.rsplit(".", 1)[-1] in BUFFERS:
+            continue
+        part = name.split(".", 1)[0]
+        n = 1
+        for dim in spec.get("shape", ()):
+            n *= int(dim)
+        counts[part if part in ("head", "trunk") else "other"] += n
+    if not meta.trunk_embedded:
+        counts["trunk"] = TRUNK_PARAMETERS[meta.architecture.backbone]
+    return {"total": counts["head"] + counts["trunk"] + counts["other"], "head": counts["head"],
+            "trunk": counts["trunk"]}
+
+
 def checkpoint_info(weights: str) -> dict:
     """All metadata of a checkpoint (every field of its JSON file, paths scrubbed) plus parameter counts.
 
-    Reads the metadata only (no weights: the architecture is built to count parameters), so it
-    takes a second or two; `trunk.installed` is the installed version of the package that holds
-    the trunk's weights, or None. Raises CheckpointError for missing or invalid metadata."""
+    Reads the metadata and the tensor file's header only (no weights, no torch), so it is quick;
+    `trunk.installed` is the installed version of the package that holds the trunk's weights,
+    or None. Raises CheckpointError for missing or invalid metadata."""
     from importlib.metadata import PackageNotFoundError, version
 
     from model.checkpoint import _json_path, read_meta
-    from model.network import ResMemNet, count_parameters
 
     json_path = _json_path(weights)
     meta = read_meta(json_path)
     raw = json.loads(json_path.read_text())
-    model = ResMemNet(meta.architecture)  # the architecture only: counting needs no weights
     info = dict(raw)
-    info["parameters"] = {"total": count_parameters(model), "head": count_parameters(model.head),
-                          "trunk": count_parameters(model.trunk)}
+    info["parameters"] = parameter_counts(meta, json_path.parent / meta.tensors_file)
     info["software"] = {name: _installed(name) for name in ("resmemnet", "torch")}  # what reads it now
     if meta.trunk.package and not meta.trunk_embedded:
         try:

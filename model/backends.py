@@ -12,7 +12,11 @@ import os
 from dataclasses import dataclass
 
 BACKENDS = ("torch", "onnxruntime")
-# Chosen from bench/bench_backends.py on the 2-core machine (docs/benchmarks.md).
+# "auto": onnxruntime on a CPU where it is installed (2x the images/s of torch on the 2-core
+# machine, same scores: docs/benchmarks.md), torch on CUDA or without the engine.
+CHOICES = ("auto", *BACKENDS)
+# The library's and the service's default (Scorer.from_checkpoint without a backend and without
+# $RESMEMNET_BACKEND); `resmemnet score` defaults to "auto".
 DEFAULT_BACKEND = "torch"
 BACKEND_ENV = "RESMEMNET_BACKEND"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -22,19 +26,28 @@ class BackendError(ValueError):
     """An unknown backend, or one whose engine is not installed or cannot run here."""
 
 
-def check_backend(name: str | None) -> str:
-    """The backend to use: `name`, else $RESMEMNET_BACKEND, else DEFAULT_BACKEND; BackendError if
-    it is unknown or its engine is missing."""
-    name = (name or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND).strip().lower()
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    if name == "onnxruntime":
-        import importlib.util
+def engine_installed() -> bool:
+    import importlib.util
 
-        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-            raise BackendError("the onnxruntime backend needs onnx and onnxruntime: "
-                               "pip install 'resmemnet[engines]'")
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def check_backend(name: str | None) -> str:
+    """The backend asked for: `name`, else $RESMEMNET_BACKEND, else DEFAULT_BACKEND (one of
+    CHOICES); BackendError if it is unknown, or onnxruntime without its engine installed."""
+    name = (name or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND).strip().lower()
+    if name not in CHOICES:
+        raise BackendError(f"unknown backend {name!r}; choose from {', '.join(CHOICES)}")
+    if name == "onnxruntime" and not engine_installed():
+        raise BackendError("the onnxruntime backend needs onnx and onnxruntime: pip install 'resmemnet[engines]'")
     return name
+
+
+def pick_backend(choice: str, device_type: str) -> str:
+    """Resolve "auto" for a device ("cpu" or "cuda"); other choices are returned as they are."""
+    if choice != "auto":
+        return choice
+    return "onnxruntime" if device_type == "cpu" and engine_installed() else "torch"
 
 
 @dataclass(frozen=True)

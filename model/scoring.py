@@ -129,19 +129,25 @@ class Scorer:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, *, backend: str | None = None,
                         **kwargs) -> "Scorer":
-        """backend: "torch" | "onnxruntime" | None ($RESMEMNET_BACKEND, else the default);
+        """backend: "torch" | "onnxruntime" | "auto" (onnxruntime on a CPU where installed, and torch
+        if it cannot run the checkpoint) | None ($RESMEMNET_BACKEND, else model.backends.DEFAULT_BACKEND).
         model.backends.BackendError (a ValueError) when unknown or not installed."""
-        from .backends import check_backend
+        from .backends import BackendError, OrtOptions, check_backend, onnxruntime_runner, pick_backend
 
-        if check_backend(backend) == "torch":
-            model, meta = load_checkpoint(path)
-            return cls(model, meta.preprocessing, meta=meta, **kwargs)
-        from .backends import OrtOptions, onnxruntime_runner
-        from .checkpoint import read_meta
+        choice = check_backend(backend)
+        if pick_backend(choice, resolve_device(kwargs.get("device", "auto")).type) == "onnxruntime":
+            try:
+                runner = onnxruntime_runner(path, OrtOptions(threads=torch.get_num_threads()))
+            except BackendError:
+                if choice != "auto":
+                    raise
+            else:
+                from .checkpoint import read_meta
 
-        runner = onnxruntime_runner(path, OrtOptions(threads=torch.get_num_threads()))
-        meta = read_meta(path)
-        return cls(None, meta.preprocessing, meta=meta, runner=runner, weights=path, **kwargs)
+                meta = read_meta(path)
+                return cls(None, meta.preprocessing, meta=meta, runner=runner, weights=path, **kwargs)
+        model, meta = load_checkpoint(path)
+        return cls(model, meta.preprocessing, meta=meta, **kwargs)
 
     @property
     def model_name(self) -> str:

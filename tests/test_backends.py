@@ -129,3 +129,27 @@ def test_shipped_checkpoint_onnxruntime_equals_torch_on_real_photos():
     got = [r.score for r in ort_scorer.score_paths(photos, batch_size=8)]
     assert np.ptp(expected) > 0.05  # real, varied photos
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_auto_prefers_onnxruntime_on_a_cpu(monkeypatch):
+    import model.backends as backends
+
+    monkeypatch.setattr(backends, "engine_installed", lambda: True)
+    assert backends.pick_backend("auto", "cpu") == "onnxruntime"
+    assert backends.pick_backend("auto", "cuda") == "torch"
+    assert backends.pick_backend("torch", "cpu") == "torch"
+    monkeypatch.setattr(backends, "engine_installed", lambda: False)
+    assert backends.pick_backend("auto", "cpu") == "torch"
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(tiny_checkpoint, monkeypatch):
+    import model.backends as backends
+
+    def broken(*_a, **_k):
+        raise BackendError("the onnxruntime backend cannot run this checkpoint: test")
+
+    monkeypatch.setattr(backends, "engine_installed", lambda: True)
+    monkeypatch.setattr(backends, "onnxruntime_runner", broken)
+    assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu", backend="auto").backend == "torch"
+    with pytest.raises(BackendError, match="cannot run"):
+        Scorer.from_checkpoint(tiny_checkpoint, device="cpu", backend="onnxruntime")
