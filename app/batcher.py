@@ -12,7 +12,11 @@ go first, oldest first, so a rare shape is never starved into its deadline. Whil
 new images pile up and the next batch forms from them without extra waiting.
 
 Admission is bounded: `admit(n)` reserves n places (decoding + waiting) or raises
-`QueueFullError` at once, so overload answers 503 instead of a growing queue.
+`QueueFullError` at once, so overload answers 503 instead of a growing queue. Two bounds: a
+count (`max_queue` images) and, once a forward pass has been timed, the work already queued
+(`max_queued_work_s`: queued images x the measured seconds per image, a moving average). The
+second keeps a slow model (a big checkpoint on a small CPU) from accepting more than it can
+answer before the request deadline: past it, the answer is 503 at once, not 504 much later.
 """
 from __future__ import annotations
 
@@ -88,13 +92,15 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: Callable[[torch.Tensor], Sequence[float]], *, max_batch_size: int = 32,
                  max_wait_s: float = 0.005, max_queue: int = 128, max_starvation_s: float = 5.0, metrics=None,
-                 thread_name: str = "resmemnet-model"):
+                 max_queued_work_s: float | None = None, thread_name: str = "resmemnet-model"):
         self.run_batch = run_batch
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.max_queue = max(1, int(max_queue))
         self.max_starvation_s = max(self.max_wait_s, float(max_starvation_s))
         self.metrics = metrics
+        self.max_queued_work_s = max_queued_work_s
+        self.seconds_per_image: float | None = None  # moving average over forward passes
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._groups: dict[tuple, deque[_Item]] = {}
         self._waiting = 0  # images enqueued, not yet in a forward pass
@@ -144,6 +150,11 @@ class DynamicBatcher:
             raise BatcherClosedError("the server is shutting down")
         if self.depth + count > self.max_queue:
             raise QueueFullError(f"{self.depth} images queued (limit {self.max_queue})")
+        if self.max_queued_work_s is not None and self.seconds_per_image is not None and self.depth:
+            work = (self.depth + count) * self.seconds_per_image
+            if work > self.max_queued_work_s:
+                raise QueueFullError(f"{self.depth} images queued, about {work:.1f} s of work at "
+                                     f"{self.seconds_per_image:.2f} s per image (limit {self.max_queued_work_s:.1f} s)")
         self._reserved += count
         self._update_depth()
         return Admission(self, count)
@@ -268,6 +279,9 @@ class DynamicBatcher:
             if m is not None:
                 m.images_in_model.set(0)
         model_s = time.perf_counter() - started
+        per_image = model_s / len(batch)
+        self.seconds_per_image = per_image if self.seconds_per_image is None else \
+            0.7 * self.seconds_per_image + 0.3 * per_image
         if m is not None:
             m.model_time.observe(model_s)
             m.images_scored.inc(len(batch))

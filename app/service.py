@@ -84,6 +84,9 @@ class ServiceState:
                 max_queue=self.settings.queue_size, metrics=None,
                 # past a quarter of the deadline, fairness beats batch size
                 max_starvation_s=self.settings.request_timeout_s / 4,
+                # accept no more queued work than half the deadline: the rest is decode, the pass
+                # itself and the estimate's error (measured under 2x overload: bench/soak.py)
+                max_queued_work_s=self.settings.request_timeout_s / 2,
             )
             self.batcher.start()
             if self.settings.warmup:
@@ -109,7 +112,7 @@ class ServiceState:
         configure_torch_threads(self.settings.torch_threads)
         return Scorer.from_checkpoint(self.settings.weights, device=self.settings.device,
                                       mixed_precision=self.settings.mixed_precision,
-                                      max_batch=self.settings.max_batch_size)
+                                      max_batch=self.settings.max_batch_size, backend=self.settings.backend)
 
     async def _warm_up(self) -> None:
         """Run the common input shapes once (single and batched) so first requests pay no set-up cost."""

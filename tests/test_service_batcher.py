@@ -191,3 +191,27 @@ def test_largest_group_goes_first_unless_an_image_starves():
     assert run(scenario(max_starvation_s=10.0)) == [(3, 3, 8, 8), (1, 3, 8, 16)]
     # ... unless it has waited past the starvation bound
     assert run(scenario(max_starvation_s=0.0)) == [(1, 3, 8, 16), (3, 3, 8, 8)]
+
+
+def test_admission_refuses_more_queued_work_than_the_budget():
+    """After a timed pass, the queue takes no more than max_queued_work_s of measured work."""
+    model = FakeModel(delay=0.2)
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=100, max_queued_work_s=1.0)
+        batcher.start()
+        assert batcher.seconds_per_image is None
+        await batcher.score(image(0.1))  # one timed pass: about 0.2 s per image
+        assert 0.15 < batcher.seconds_per_image < 1.0
+        held = [batcher.admit(1) for _ in range(4)]  # 4 x 0.2 s = 0.8 s: within the budget
+        with pytest.raises(QueueFullError, match="s of work"):
+            for _ in range(10):
+                held.append(batcher.admit(1))
+        admitted = len(held)
+        for admission in held:
+            admission.release()
+        await batcher.close(timeout=5)
+        return admitted
+
+    admitted = run(main())
+    assert 4 <= admitted <= 6  # the moving average moves a little with the sleep's jitter
