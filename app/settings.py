@@ -40,6 +40,9 @@ class ServiceSettings:
                          metadata=_doc("checkpoint .json to serve (default: the shipped checkpoint)"))
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when present, else CPU), `cpu` or `cuda`"))
     mixed_precision: bool = field(default=True, metadata=_doc("trunk in fp16 on CUDA, in bf16 on CPUs with native bf16 (AVX512-BF16/AMX); false: fp32"))
+    backend: str = field(default="torch", metadata=_doc(
+        "inference engine: `torch`, `onnxruntime` (the model's ONNX export on the CPU, fp32, scores within 1e-3 of "
+        "torch fp32; needs the `engines` extra) or `auto` (onnxruntime on a CPU where installed). Heatmaps use torch"))
     warmup: bool = field(default=True, metadata=_doc("run warm-up forward passes before /readyz says ready"))
     torch_threads: int = field(default=0, metadata=_doc("torch intra-op threads (0: torch's default, one per core). On a small CPU "
                                          "serving a small model, 1 can be much faster (README)"))
@@ -69,6 +72,8 @@ class ServiceSettings:
         problems = []
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.backend not in ("auto", "torch", "onnxruntime"):
+            problems.append(f"backend must be auto, torch or onnxruntime, not {self.backend!r}")
         for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",
                      "max_files_per_request", "heatmap_concurrency", "retry_after_s"):
             if getattr(self, name) < 1:

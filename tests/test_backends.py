@@ -104,14 +104,40 @@ def test_cli_backends_agree(tmp_path, tiny_checkpoint):
         assert abs(torch_scores[key] - ort_scores[key]) <= TOLERANCE
 
 
-def test_service_backend_from_environment(tiny_checkpoint, monkeypatch):
-    """The service builds its Scorer with Scorer.from_checkpoint, which reads RESMEMNET_BACKEND."""
+def test_library_backend_from_environment(tiny_checkpoint, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("RESMEMNET_BACKEND", "onnxruntime")
     assert Scorer.from_checkpoint(tiny_checkpoint).backend == "onnxruntime"
     monkeypatch.setenv("RESMEMNET_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown backend"):
         Scorer.from_checkpoint(tiny_checkpoint)
+
+
+def test_service_scores_with_the_backend_its_settings_name(tiny_checkpoint, torch_scorer):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("httpx")
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app.service import create_app
+    from app.settings import ServiceSettings, SettingsError
+
+    settings = ServiceSettings.from_env({"RESMEMNET_BACKEND": "onnxruntime"}, weights=str(tiny_checkpoint),
+                                        device="cpu", warmup=False)
+    assert settings.backend == "onnxruntime"
+    with pytest.raises(SettingsError, match="backend"):
+        ServiceSettings.from_env({"RESMEMNET_BACKEND": "tensorrt"})
+    data = make_image(size=(100, 80), seed=3)
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline and client.get("/healthz").status_code == 200
+            time.sleep(0.05)
+        answer = client.post("/score", files={"file": ("a.jpg", data, "image/jpeg")})
+        assert answer.status_code == 200, answer.text
+    expected = torch_scorer.score_tensors([torch_scorer.prepare(data)[0]])[0]
+    assert abs(answer.json()["score"] - expected) <= TOLERANCE
 
 
 POOL = SHARED_DATA / "pool"
