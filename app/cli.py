@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("model.training.cli",
                  "score a dataset with a checkpoint and report rho, r, MSE, top/bottom table"),
     "export": ("app.cli_export", "write the model as ONNX or as a Triton model repository"),
+    "merge": ("app.sharding", "merge the CSV parts of a sharded `resmemnet score` into one CSV or JSON"),
 }
 
 

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     add_weights_arg(p)
     p.add_argument("--out", metavar="FILE", help="write .csv or .json (default: CSV on stdout)")
+    from app.sharding import add_shard_arguments  # --shard K/N, --resume (light: no torch)
+
+    add_shard_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
@@ -129,6 +132,10 @@ def run_score(args) -> int:
         return fail("no files found under the given paths")
     scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32,
                          backend=args.backend or os.environ.get("RESMEMNET_BACKEND") or "auto")
+    if args.shard or args.resume:  # one slice of the inputs and/or appending to --out (app/sharding.py)
+        from app.sharding import run_sharded_score
+
+        return run_sharded_score(args, entries, scorer)
     files = [path for path, exists in entries if exists]
     progress = Progress(len(files), enabled=not args.no_progress)
     try:
