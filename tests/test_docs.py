@@ -45,7 +45,7 @@ def test_links_resolve(doc):
 
 def test_docs_speak_to_newcomers():
     """No project-history talk that a new reader cannot follow."""
-    phrases = ("the training issue", "lent machine", "60 MB limit", "this session", "torch 2.11")
+    phrases = ("the training issue", "lent machine", "60 MB limit", "this session", "the lead")
     for doc in DOCS:
         text = doc.read_text().lower()
         assert not [p for p in phrases if p in text], doc.name
