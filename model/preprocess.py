@@ -103,7 +103,7 @@ def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image
     * Colour: `icc_profile` (default: the image's own `info["icc_profile"]`) is converted to sRGB
       through Pillow's ImageCms; a profile that cannot be read or does not fit the mode is ignored.
       Without a profile, CMYK, YCbCr, LAB and HSV are converted by Pillow's own formulas.
-    * Alpha (RGBA, LA, PA, P with transparency, RGBa, La, and a PNG colour key on L or RGB):
+    * Alpha (RGBA, LA, PA, P with transparency, RGBa, La, and a PNG colour key on L, RGB or 16-bit grey):
       composited over white.
     The result carries no icc_profile, so converting it again changes nothing.
     """
@@ -112,6 +112,11 @@ def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image
     keyed = "transparency" in img.info  # a tRNS colour key (PNG): that colour is see-through
     if img.mode == "RGB" and not icc_profile and not keyed:
         return img
+    if keyed and (img.mode == "I" or img.mode.startswith("I;16")) and isinstance(img.info["transparency"], int):
+        # a 16-bit grey PNG's colour key: mask on the original samples, before they become 8-bit
+        see_through = np.asarray(img) == img.info["transparency"]
+        alpha_band = Image.fromarray(np.where(see_through, 0, 255).astype(np.uint8), mode="L")
+        img = Image.merge("LA", (_to_8bit(img), alpha_band))
     img = _to_8bit(img)
     alpha = None
     if keyed and img.mode in ("L", "RGB"):

@@ -350,3 +350,34 @@ def test_a_png_colour_key_is_transparent_like_an_alpha_channel(mode, key):
     got = decode_image(encode(img, "PNG", transparency=key))
     assert got.getpixel((0, 0)) == (255, 255, 255)
     assert got.getpixel((1, 1)) == ((50, 50, 50) if mode == "L" else (10, 20, 30))
+
+
+def png16(arr: np.ndarray, color_type: int, trns: bytes | None = None) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour): 0 grey, 2 RGB, 4 grey+alpha, 6 RGBA."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+    if trns is not None:
+        out += chunk(b"tRNS", trns)
+    return out + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_16bit_colour_pngs_and_a_16bit_colour_key():
+    import struct
+
+    v8 = np.asarray(photo(size=(12, 8))).astype(np.uint16)
+    opaque = np.full(v8.shape[:2], 65535, np.uint16)
+    assert np.array_equal(px(decode_image(png16(v8 * 257, 2))), v8)
+    assert np.array_equal(px(decode_image(png16(np.dstack([v8 * 257, opaque]), 6))), v8)
+    grey = v8[..., 0]
+    assert np.array_equal(px(decode_image(png16(np.dstack([grey * 257, opaque]), 4)))[..., 0], grey)
+    keyed = decode_image(png16(grey * 257, 0, trns=struct.pack(">H", int(grey[0, 0]) * 257)))
+    assert keyed.getpixel((0, 0)) == (255, 255, 255)
+    assert np.array_equal(px(keyed)[..., 0][grey != grey[0, 0]], grey[grey != grey[0, 0]])
