@@ -14,7 +14,8 @@ new images pile up and the next batch forms from them without extra waiting.
 Admission is bounded: `admit(n)` reserves n places (decoding + waiting) or raises
 `QueueFullError` at once, so overload answers 503 instead of a growing queue. Two bounds: a
 count (`max_queue` images) and, once a forward pass has been timed, the work already queued
-(`max_queued_work_s`: queued images x the measured seconds per image, a moving average). The
+(`max_queued_work_s`: queued images x the seconds per image the queue has been draining at, a
+moving average). The
 second keeps a slow model (a big checkpoint on a small CPU) from accepting more than it can
 answer before the request deadline: past it, the answer is 503 at once, not 504 much later.
 """
@@ -100,7 +101,8 @@ class DynamicBatcher:
         self.max_starvation_s = max(self.max_wait_s, float(max_starvation_s))
         self.metrics = metrics
         self.max_queued_work_s = max_queued_work_s
-        self.seconds_per_image: float | None = None  # moving average over forward passes
+        self.seconds_per_image: float | None = None  # moving average of the drain rate
+        self._last_done: float | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._groups: dict[tuple, deque[_Item]] = {}
         self._waiting = 0  # images enqueued, not yet in a forward pass
@@ -278,8 +280,14 @@ class DynamicBatcher:
         finally:
             if m is not None:
                 m.images_in_model.set(0)
-        model_s = time.perf_counter() - started
-        per_image = model_s / len(batch)
+        done = time.perf_counter()
+        model_s = done - started
+        # Seconds per image as the queue drains: since the previous pass ended (or since this
+        # batch's oldest image arrived, if the model was idle). Unlike the pass time alone, this
+        # counts the gaps between passes, small batches of rare shapes and CPU taken by heatmaps.
+        busy_since = max(self._last_done or 0.0, min(item.enqueued for item in batch))
+        per_image = (done - busy_since) / len(batch)
+        self._last_done = done
         self.seconds_per_image = per_image if self.seconds_per_image is None else \
             0.7 * self.seconds_per_image + 0.3 * per_image
         if m is not None:
