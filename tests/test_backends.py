@@ -179,3 +179,23 @@ def test_auto_falls_back_to_torch_when_the_export_fails(tiny_checkpoint, monkeyp
     assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu", backend="auto").backend == "torch"
     with pytest.raises(BackendError, match="cannot run"):
         Scorer.from_checkpoint(tiny_checkpoint, device="cpu", backend="onnxruntime")
+
+
+def test_optimized_graph_is_cached_and_checked(tiny_checkpoint):
+    pytest.importorskip("onnxruntime")
+    from model.backends import onnxruntime_runner
+
+    x = np.random.default_rng(5).random((2, 3, 64, 96), dtype=np.float32)
+    first = onnxruntime_runner(tiny_checkpoint)
+    assert ".ort-" not in Path(first.path).name  # optimised now, saved for next time
+    second = onnxruntime_runner(tiny_checkpoint)
+    assert ".ort-" in Path(second.path).name
+    np.testing.assert_array_equal(first(x), second(x))
+    saved = Path(second.path)
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    third = onnxruntime_runner(tiny_checkpoint)  # the damaged file is not loaded, but rebuilt
+    assert ".ort-" not in Path(third.path).name
+    np.testing.assert_array_equal(first(x), third(x))
+    assert ".ort-" in Path(onnxruntime_runner(tiny_checkpoint).path).name
