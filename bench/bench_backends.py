@@ -159,11 +159,15 @@ def main(argv=None) -> int:
 
     from model.export import cached_onnx
 
-    export = cached_onnx(args.weights)  # built once, outside the timings
-    wait = 2.5 - (time.time() - export.path.stat().st_mtime)
-    if wait > 0:  # a file this fresh is hashed on every start (model.backbones.RACY_WINDOW_NS)
-        time.sleep(wait)
-    cached_onnx(args.weights)  # records its hash, as any later start would
+    from model.backends import onnxruntime_runner
+
+    # The export and ONNX Runtime's optimised graph are built once, outside the timings, as a
+    # user's first run builds them; files this fresh are hashed on every start
+    # (model.backbones.RACY_WINDOW_NS), so wait that out and load once more to record them.
+    cached_onnx(args.weights)
+    onnxruntime_runner(args.weights)
+    time.sleep(2.5)
+    onnxruntime_runner(args.weights)
     paths = photos(args.images, args.n)
     result = {"n": len(paths), "rounds": args.rounds, "cpus": os.cpu_count(),
               "load_average_start": os.getloadavg()}
