@@ -15,8 +15,8 @@ Admission is bounded: `admit(n)` reserves n places (decoding + waiting) or raise
 `QueueFullError` at once, so overload answers 503 instead of a growing queue. Two bounds: a
 count (`max_queue` images) and, once a forward pass has been timed, the work already queued
 (`max_queued_work_s`: queued images x the seconds per image the queue has been draining at, a
-moving average). The
-second keeps a slow model (a big checkpoint on a small CPU) from accepting more than it can
+moving average), which also refuses while the oldest queued image has waited longer than
+that. The second keeps a slow model (a big checkpoint on a small CPU) from accepting more than it can
 answer before the request deadline: past it, the answer is 503 at once, not 504 much later.
 """
 from __future__ import annotations
@@ -152,11 +152,18 @@ class DynamicBatcher:
             raise BatcherClosedError("the server is shutting down")
         if self.depth + count > self.max_queue:
             raise QueueFullError(f"{self.depth} images queued (limit {self.max_queue})")
-        if self.max_queued_work_s is not None and self.seconds_per_image is not None and self.depth:
-            work = (self.depth + count) * self.seconds_per_image
-            if work > self.max_queued_work_s:
-                raise QueueFullError(f"{self.depth} images queued, about {work:.1f} s of work at "
-                                     f"{self.seconds_per_image:.2f} s per image (limit {self.max_queued_work_s:.1f} s)")
+        if self.max_queued_work_s is not None and self.depth:
+            # the estimate, and the measured wait of the oldest queued image (which catches a
+            # model that slowed down since the estimate, e.g. other processes took the CPU)
+            if self.seconds_per_image is not None:
+                work = (self.depth + count) * self.seconds_per_image
+                if work > self.max_queued_work_s:
+                    raise QueueFullError(f"{self.depth} images queued, about {work:.1f} s of work at {self.seconds_per_image:.2f} "
+                                         f"s per image (limit {self.max_queued_work_s:.1f} s)")
+            waited = self._oldest_wait()
+            if waited > self.max_queued_work_s:
+                raise QueueFullError(f"the oldest queued image has waited {waited:.1f} s "
+                                     f"(limit {self.max_queued_work_s:.1f} s)")
         self._reserved += count
         self._update_depth()
         return Admission(self, count)
@@ -205,6 +212,12 @@ class DynamicBatcher:
             log.exception("batcher scheduler crashed")
             self._fail_all(exc)
             raise
+
+    def _oldest_wait(self) -> float:
+        """Seconds the oldest image still wanted has been queued (0 when none is)."""
+        oldest = min((item.enqueued for items in self._groups.values() for item in items if not item.future.done()),
+                     default=None)
+        return 0.0 if oldest is None else time.perf_counter() - oldest
 
     def _oldest_group(self) -> tuple[tuple, float]:
         shape, items = min(self._groups.items(), key=lambda kv: kv[1][0].enqueued)

@@ -215,3 +215,22 @@ def test_admission_refuses_more_queued_work_than_the_budget():
 
     admitted = run(main())
     assert 4 <= admitted <= 6  # the moving average moves a little with the sleep's jitter
+
+
+def test_admission_refuses_while_the_oldest_queued_image_waits_past_the_budget():
+    """However good the estimate looked, a queue that has not moved for the budget takes nothing more."""
+    model = FakeModel(delay=0.0)
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=4, max_wait_s=5.0, max_queue=100, max_queued_work_s=0.3)
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.score(image(0.5)))  # held by the 5 s batching window
+        await asyncio.sleep(0.05)
+        batcher.admit(1).release()  # 0.05 s waited: fine
+        await asyncio.sleep(0.4)
+        with pytest.raises(QueueFullError, match="oldest queued image has waited"):
+            batcher.admit(1)
+        await batcher.close(timeout=10)
+        return (await waiting).score
+
+    assert abs(run(main()) - 0.5) < 1e-6
