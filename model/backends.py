@@ -94,6 +94,9 @@ class OnnxRuntimeRunner:
         so.graph_optimization_level = levels[options.optimization]
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1  # one chain of convolutions: nothing to run side by side
+        # Idle workers sleep instead of spinning: on a shared 2-core machine spinning burnt the
+        # time slices the busy thread needed (8% more images/s and 13% less CPU time without).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.options = options
         self.path = str(onnx_path)
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
