@@ -19,7 +19,9 @@ def register(sub) -> None:
         "train", help="train ResMem-Net (phased recipe, cross-validation, checkpoint)",
         description="Train ResMem-Net from a TOML config (packaged: default, paper) with --set overrides. "
                     "Without --cv the final model is trained on all labelled data and written as a checkpoint; "
-                    "with --cv every fold is trained and tested and cv.json/cv.csv are written.")
+                    "with --cv every fold is trained and tested and cv.json/cv.csv are written. Runs unchanged "
+                    "under `torchrun --nproc_per_node=N --no-python resmemnet train ...` (one process per GPU; "
+                    "see docs/deploy.md).")
     add_train_arguments(t)
     t.set_defaults(func=run_train_command)
 
