@@ -60,7 +60,8 @@ def cell(stats: dict | None) -> str:
     return f"{stats['median']:.2f} ({stats['min']:.2f}-{stats['max']:.2f})"
 
 
-def whole_process_commands(weights: str, out: str, batch: int, fp32: bool = True) -> dict[str, list[str]]:
+def whole_process_commands(weights: str, out: str, batch: int, fp32: bool = True,
+                           resmem: bool = True) -> dict[str, list[str]]:
     cli = [str(Path(sys.executable).parent / "resmemnet"), "score", "--no-progress", "--batch-size", str(batch),
            "--weights", weights, "--out", out]
     commands = {
@@ -71,6 +72,8 @@ def whole_process_commands(weights: str, out: str, batch: int, fp32: bool = True
     }
     if not fp32:
         del commands["resmemnet, torch --fp32"]
+    if not resmem:
+        del commands["resmem 1.1.6 package, one photo at a time"]
     return commands
 
 
@@ -81,9 +84,9 @@ def time_process(cmd: list[str]) -> float:
 
 
 def run_whole_process(paths: list[str], weights: str, rounds: int, batch: int, *, first_score: bool = True,
-                      fp32: bool = True) -> dict:
+                      fp32: bool = True, resmem: bool = True) -> dict:
     out = str(Path(tempfile.mkdtemp()) / "scores.csv")
-    commands = whole_process_commands(weights, out, batch, fp32)
+    commands = whole_process_commands(weights, out, batch, fp32, resmem)
     seconds = {name: [] for name in commands}
     first = {name: [] for name in commands}
     for r in range(rounds):
@@ -154,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-steady", action="store_true")
     ap.add_argument("--no-first-score", action="store_true", help="skip the one-photo processes")
     ap.add_argument("--no-fp32", action="store_true", help="skip the `--fp32` torch rows")
+    ap.add_argument("--no-resmem", action="store_true", help="skip the resmem package's whole-process rows")
     ap.add_argument("--json", help="write the raw numbers here")
     args = ap.parse_args(argv)
 
@@ -173,7 +177,8 @@ def main(argv=None) -> int:
               "load_average_start": os.getloadavg()}
     if not args.no_whole_process:
         result["whole_process"] = run_whole_process(paths, args.weights, args.rounds, args.batch_size,
-                                                    first_score=not args.no_first_score, fp32=not args.no_fp32)
+                                                    first_score=not args.no_first_score, fp32=not args.no_fp32,
+                                                    resmem=not args.no_resmem)
     if not args.no_steady:
         result["steady"] = run_steady(paths, args.weights, args.rounds, args.batch_size)
     result["load_average_end"] = os.getloadavg()
