@@ -112,6 +112,7 @@ async def overload(url: str, payloads, bad, *, rate: float, seconds: float, max_
     problems: list[str] = []
     compared, max_diff = 0, 0.0
     rss = {"before_overload": rss_mib(pid), "peak": rss_mib(pid)}
+    timeline: list[tuple[float, float]] = []  # (seconds into the overload, RSS MiB) every 15 s
 
     def check_score(name: str, score: float):
         nonlocal compared, max_diff
@@ -178,6 +179,8 @@ async def overload(url: str, payloads, bad, *, rate: float, seconds: float, max_
                 rss["peak"] = max(rss["peak"], rss_mib(pid))
                 if "warm" not in rss and now - started >= warm_after_s:
                     rss["warm"] = rss_mib(pid)  # every endpoint and error path has run under load by now
+                if not timeline or now - started - timeline[-1][0] >= 15:
+                    timeline.append((round(now - started), round(rss_mib(pid))))
                 next_rss = now + 2.0
             if now < next_at:
                 await asyncio.sleep(min(next_at - now, 0.05))
@@ -198,6 +201,7 @@ async def overload(url: str, payloads, bad, *, rate: float, seconds: float, max_
                                    "p99": round(1000 * percentile(sorted(v), 99), 1)} for k, v in latencies.items()},
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
         "rss_growth_pct": round(100 * (rss["end"] - rss["warm"]) / rss["warm"], 2),  # end vs warm
+        "rss_timeline_s_mib": timeline,
         "scores_compared": compared, "max_score_diff": max_diff, "problems": problems[:50],
         "problem_count": len(problems),
     }
@@ -220,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra RESMEMNET_* settings, e.g. queue_size=64")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="other environment for the server process, e.g. MALLOC_ARENA_MAX=2")
     args = p.parse_args(argv)
 
     weights = args.weights
@@ -241,6 +247,7 @@ def main(argv=None) -> int:
     payloads = [(name, data, want) for (name, data), want in zip(payloads, expected)]
     settings = dict(kv.split("=", 1) for kv in args.server_env)
     log = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
+    os.environ.update(dict(kv.split("=", 1) for kv in args.env))  # inherited by the server only
     proc, url = start_server(weights, log, **settings)
     try:
         capacity = asyncio.run(closed_loop(url, payloads, clients=args.clients, seconds=args.capacity_s))
@@ -254,7 +261,7 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    summary = {"weights": Path(weights).name, "images": len(payloads), "capacity_images_per_s": round(capacity, 2),
+    summary = {"weights": Path(weights).name, "env": args.env, "images": len(payloads), "capacity_images_per_s": round(capacity, 2),
                "target_per_s": round(rate, 2), **result, "server_log_tail": log.read_text()[-1500:],
                "command": "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     text = json.dumps(summary, indent=2)
