@@ -189,7 +189,38 @@ def cached_onnx(weights: str | os.PathLike, *, folder: str | os.PathLike | None 
     from .checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(identity["json"])
-    return export_onnx(model, meta.preprocessing, path, checkpoint=identity)
+    export = export_onnx(model, meta.preprocessing, path, checkpoint=identity)
+    prune_cache(path.parent, keep=path.name.split(".")[0])
+    return export
+
+
+# Exports kept in the cache folder (each ~100-250 MB with its optimised graph): the newest few,
+# and none is removed within an hour of its last use, so a process that just picked one keeps it.
+KEEP_EXPORTS = 3
+KEEP_RECENT_S = 3600
+
+
+def prune_cache(folder: Path, *, keep: str) -> None:
+    """Remove the oldest exports beyond KEEP_EXPORTS (all files of one export share the name up to
+    its first dot); errors are ignored: pruning only saves disk."""
+    import time
+
+    groups: dict[str, list[Path]] = {}
+    for f in folder.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            groups.setdefault(f.name.split(".")[0], []).append(f)
+
+    def last_used(files):
+        return max(max(f.stat().st_mtime, f.stat().st_atime) for f in files)
+
+    try:
+        ranked = sorted(groups.items(), key=lambda kv: last_used(kv[1]), reverse=True)
+        for stem, files in ranked[KEEP_EXPORTS:]:
+            if stem != keep and time.time() - last_used(files) > KEEP_RECENT_S:
+                for f in files:
+                    f.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _valid_cached(path: Path) -> OnnxExport | None:

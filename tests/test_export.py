@@ -214,3 +214,22 @@ def test_shipped_checkpoint_triton_repository(tmp_path):
     assert list(cfg.input[0].dims) == [3, size, size]
     x = images(2, size, size)
     np.testing.assert_allclose(run_onnx(model_dir / "1" / "model.onnx", x), torch_scores(model, x), atol=1e-3, rtol=0)
+
+
+def test_cache_keeps_the_newest_exports(tmp_path):
+    import os
+    import time
+
+    from model.export import KEEP_EXPORTS, prune_cache
+
+    old = time.time() - 2 * 86400
+    for i in range(KEEP_EXPORTS + 3):
+        for suffix in (".onnx", ".json", ".ort-1-abc.onnx"):
+            f = tmp_path / f"m{i}-key{suffix}"
+            f.write_text("x")
+            os.utime(f, (old + i, old + i))
+    (tmp_path / "fresh-key.onnx").write_text("x")  # written long ago, read just now: kept
+    os.utime(tmp_path / "fresh-key.onnx", (time.time(), time.time() - 10 * 86400))
+    prune_cache(tmp_path, keep="m0-key")
+    stems = {f.name.split(".")[0] for f in tmp_path.iterdir()}
+    assert stems == {"fresh-key", "m0-key", *(f"m{i}-key" for i in range(6 - KEEP_EXPORTS + 1, 6))}
