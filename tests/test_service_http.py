@@ -142,8 +142,9 @@ def test_http_scores_equal_the_cli_scorer(server, tiny_checkpoint, tmp_path):
             shutil.copy(photo, folder / photo.name)
     out = tmp_path / "cli.json"
     cli = [serve_command()[0], "score"] if serve_command()[1] == "serve" else [sys.executable, "-m", "app.cli", "score"]
-    subprocess.run(cli + [str(folder), "--weights", str(tiny_checkpoint), "--device", "cpu", "--out", str(out),
-                          "--no-progress"], check=True, timeout=300, capture_output=True)
+    # --backend torch: the server runs torch (bf16 where the CPU has it); the CLI default may be ONNX Runtime (fp32)
+    subprocess.run(cli + [str(folder), "--weights", str(tiny_checkpoint), "--device", "cpu", "--backend", "torch",
+                          "--out", str(out), "--no-progress"], check=True, timeout=300, capture_output=True)
     rows = json.loads(out.read_text())
     assert len(rows) >= 4
     with httpx.Client(base_url=server, timeout=60) as client:
