@@ -88,3 +88,15 @@ def test_zero_grace_is_passed_to_uvicorn_as_zero_not_forever(monkeypatch):
                                                "queue_size", "log_level")})()
     assert cli_serve.run_serve(args) == 0
     assert seen["timeout"] == 0.0
+
+
+def test_serve_caps_malloc_arenas_on_glibc(monkeypatch):
+    import platform
+
+    from app.cli_serve import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas(2) is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas(2) is False  # the operator's own setting wins
