@@ -53,7 +53,7 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
             if len(given) > 1:
                 raise ServiceError("invalid_request", f"query parameter {name!r} is given {len(given)} times "
                                    f"({', '.join(map(repr, given))}); give it once")
-        content_type = request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "").lower()
         if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return  # FastAPI reports the missing field
         form = await request.form()
