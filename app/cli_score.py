@@ -34,8 +34,9 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default=None,
                    help="inference engine (default: $RESMEMNET_BACKEND, else auto: onnxruntime on a CPU where it is "
-                        "installed, else torch). onnxruntime runs the model's ONNX export in fp32 (exported and "
-                        "cached on first use); scores equal torch --fp32 within 1e-3 (docs/benchmarks.md)")
+                        "installed and torch would run fp32, else torch). onnxruntime runs the model's ONNX export "
+                        "in fp32 (exported and cached on first use); scores equal torch --fp32 within 1e-3 "
+                        "(docs/benchmarks.md)")
     p.set_defaults(func=run_score)
 
     q = sub.add_parser("info", help="summarise a checkpoint: model, parameters, data, results, licence",

@@ -129,13 +129,15 @@ class Scorer:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, *, backend: str | None = None,
                         **kwargs) -> "Scorer":
-        """backend: "torch" | "onnxruntime" | "auto" (onnxruntime on a CPU where installed, and torch
-        if it cannot run the checkpoint) | None ($RESMEMNET_BACKEND, else model.backends.DEFAULT_BACKEND).
+        """backend: "torch" | "onnxruntime" | "auto" (model.backends.pick_backend; torch if ONNX Runtime
+        cannot run the checkpoint) | None ($RESMEMNET_BACKEND, else model.backends.DEFAULT_BACKEND).
         model.backends.BackendError (a ValueError) when unknown or not installed."""
         from .backends import BackendError, OrtOptions, check_backend, onnxruntime_runner, pick_backend
 
         choice = check_backend(backend)
-        if pick_backend(choice, resolve_device(kwargs.get("device", "auto")).type) == "onnxruntime":
+        native_bf16 = kwargs.get("mixed_precision", True) and cpu_has_native_bf16()
+        device_type = resolve_device(kwargs.get("device", "auto")).type
+        if pick_backend(choice, device_type, native_bf16=native_bf16) == "onnxruntime":
             try:
                 runner = onnxruntime_runner(path, OrtOptions(threads=torch.get_num_threads()))
             except BackendError:
