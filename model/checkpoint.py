@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .backbones import TrunkLoadError, TrunkSource, load_source_into, sha256_file
-from .network import ResMemNet, ResMemNetConfig
+from .backbones import TrunkLoadError, TrunkSource, sha256_file
+from .network import ResMemNet, ResMemNetConfig, load_source_weights
 from .preprocess import Preprocessing
 
 FORMAT = "resmemnet-checkpoint/1"
@@ -128,7 +128,7 @@ def save_checkpoint(model: ResMemNet, meta: CheckpointMeta, path: str | os.PathL
     if embed_trunk is None:
         embed_trunk = meta.trunk.kind in ("none", "torchvision") or not model.trunk_frozen
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if embed_trunk or not k.startswith("trunk.")}
+             if not k.startswith("branch.") and (embed_trunk or not k.startswith("trunk."))}
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     tensors_path = json_path.with_suffix(".safetensors")
     save_file(state, str(tensors_path), metadata={"format": FORMAT, "name": meta.name})
@@ -176,12 +176,12 @@ def load_checkpoint(path: str | os.PathLike = DEFAULT_WEIGHTS, *, map_location: 
         raise CheckpointError(f"{tensors_path.name} is not a valid safetensors file ({exc})") from None
 
     model = ResMemNet(meta.architecture)
-    if not meta.trunk_embedded:
-        try:
-            load_source_into(model.trunk, meta.trunk, allow_download=False)
-        except TrunkLoadError as exc:
-            raise CheckpointError(f"the checkpoint's trunk could not be loaded: {exc}") from None
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    try:
+        load_source_weights(model, meta.trunk, allow_download=False, trunk=not meta.trunk_embedded)
+    except TrunkLoadError as exc:
+        raise CheckpointError(f"the checkpoint's trunk could not be loaded: {exc}") from None
+    expected = {k: v for k, v in model.state_dict().items()
+                if not k.endswith("num_batches_tracked") and not k.startswith("branch.")}
     needed = expected if meta.trunk_embedded else {k: v for k, v in expected.items() if not k.startswith("trunk.")}
     missing = sorted(set(needed) - set(state))
     unexpected = sorted(set(state) - set(expected))

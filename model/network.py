@@ -38,6 +38,9 @@ class ResMemNetConfig:
     # after training: a teacher output brings the teacher's scale along on labelled photos.
     score_scale: float = 1.0
     score_shift: float = 0.0
+    # "resmem": the resmem package's memorability-trained branch (model/memory_branch.py) adds
+    # its taps after the trunk's; its weights come from the trunk's package file, never embedded.
+    branch: str = "none"
 
     def __post_init__(self):
         if self.backbone not in BLOCKS_PER_STAGE:
@@ -56,6 +59,10 @@ class ResMemNetConfig:
             raise ValueError(f"score_scale must be positive (it keeps the ranking), got {self.score_scale}")
         if not isinstance(self.ensemble, int) or self.ensemble < 1:
             raise ValueError(f"ensemble must be a whole number >= 1, got {self.ensemble!r}")
+        if self.branch not in ("none", "resmem"):
+            raise ValueError(f"unknown branch {self.branch!r}; choose from none, resmem")
+        if self.branch == "resmem" and self.backbone != "resnet152":
+            raise ValueError("branch 'resmem' reads the resmem package's ResNet-152 logits: backbone must be resnet152")
         if self.head == "readout" and self.ensemble != 1:
             raise ValueError("a readout head is fitted in closed form: ensemble must be 1")
 
@@ -72,10 +79,18 @@ class ResMemNetConfig:
         return cls(**known)
 
     @property
-    def tap_channels(self) -> list[int]:
-        """Channels of every bottleneck output, shallow to deep."""
+    def trunk_tap_channels(self) -> list[int]:
+        """Channels of every bottleneck output, shallow to deep (the last one only for taps="last")."""
         chans = [c for n, c in zip(BLOCKS_PER_STAGE[self.backbone], STAGE_CHANNELS) for _ in range(n)]
         return chans if self.taps == "all" else chans[-1:]
+
+    @property
+    def tap_channels(self) -> list[int]:
+        """Channels of every tap the head reads: the trunk's, then the memory branch's (if any)."""
+        from .memory_branch import BRANCH_TAPS
+
+        extra = [c for _, c in BRANCH_TAPS] if self.branch == "resmem" else []
+        return self.trunk_tap_channels + extra
 
 
 def run_block_fp32(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +272,11 @@ class ResMemNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_resnet(cfg.backbone)
+        self.branch = None
+        if cfg.branch == "resmem":
+            from .memory_branch import MemoryBranch
+
+            self.branch = MemoryBranch()
         self.head = build_head(cfg)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.input_scaling == "imagenet" else ((0, 0, 0), (1, 1, 1))
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -267,6 +287,11 @@ class ResMemNet(nn.Module):
             {"num_chs": c, "module": name, "reduction": 4 * 2 ** stage}
             for stage, name, c in self._tap_names()
         ]
+        if self.branch is not None:
+            from .memory_branch import BRANCH_TAPS
+
+            self.feature_info += [{"num_chs": c, "module": f"branch.{name}", "reduction": None}
+                                  for name, c in BRANCH_TAPS]
 
     def _tap_names(self):
         out = []
@@ -289,6 +314,8 @@ class ResMemNet(nn.Module):
         self.trunk_frozen = bool(frozen)
         for p in self.trunk.parameters():
             p.requires_grad_(not frozen)
+        if self.branch is not None:  # the package's branch is never trained
+            self.branch.requires_grad_(False)
         self.train(self.training)  # re-apply the BatchNorm mode
         return self
 
@@ -330,6 +357,9 @@ class ResMemNet(nn.Module):
                 pooled.append(global_pool(x))
         if self.cfg.taps == "last":
             pooled.append(global_pool(x))
+        if self.branch is not None:
+            last = pooled[-1] if self.cfg.taps == "all" else global_pool(x)
+            pooled += self.branch(images, last)
         return (pooled, x) if keep_maps else pooled
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -342,8 +372,6 @@ BACKBONES = tuple(BLOCKS_PER_STAGE)
 def build_resmemnet(*, backbone: str = "resnet50", trunk_source=None, allow_download: bool = True,
                     **overrides) -> ResMemNet:
     """Build ResMem-Net; `trunk_source` (a TrunkSource) initialises the trunk and sets its input scaling."""
-    from .backbones import load_source_into
-
     if trunk_source is not None:
         if trunk_source.depth != backbone:
             backbone = trunk_source.depth
@@ -351,9 +379,34 @@ def build_resmemnet(*, backbone: str = "resnet50", trunk_source=None, allow_down
     cfg = ResMemNetConfig(backbone=backbone, **overrides)
     model = ResMemNet(cfg)
     if trunk_source is not None:
-        load_source_into(model.trunk, trunk_source, allow_download=allow_download)
+        load_source_weights(model, trunk_source, allow_download=allow_download)
     model.eval()
     return model
+
+
+# State-dict prefixes of the weights that come from the trunk's source, not from our checkpoints.
+SOURCE_PREFIXES = ("trunk.", "branch.")
+
+
+def load_source_weights(model: ResMemNet, source, *, allow_download: bool = True, trunk: bool = True) -> None:
+    """Load the trunk (when `trunk`) and the memory branch (if the model has one) from `source`,
+    reading its (hash-checked) file once. TrunkLoadError when the file does not fit."""
+    from .backbones import TrunkLoadError, load_trunk_state, read_state_dict, remap_keys, resolve_weight_file
+
+    if source.kind == "none" or not (trunk or model.branch is not None):
+        return
+    path = resolve_weight_file(source, allow_download=allow_download)
+    raw = read_state_dict(path)
+    if trunk:
+        load_trunk_state(model.trunk, remap_keys(raw, source.key_map), origin=str(path))
+    if model.branch is not None:
+        from .memory_branch import branch_state_from_package
+
+        try:
+            model.branch.load_state_dict(branch_state_from_package(raw))
+        except (KeyError, RuntimeError) as exc:
+            raise TrunkLoadError(f"{path} holds no resmem memory branch ({type(exc).__name__}: {exc}); "
+                                 "branch 'resmem' needs the resmem package's model file") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -53,6 +53,9 @@ class TeacherSpec:
     holdout_fraction: float = 0.1  # fixed part never trained on: out-of-domain agreement check
     mapping: str = "quantile"  # quantile | zscore | none: how teacher scores meet the labelled scale
     limit: int = 0
+    # More teacher score files, each "CSV=IMAGE_FOLDER" (same columns as `csv`); their photos join
+    # the teacher set (e.g. pool2's rooms, products, posters beside pool's ImageNet/BSDS photos).
+    extra: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -64,6 +67,9 @@ class DataConfig:
     labelled: DatasetSpec = field(default_factory=DatasetSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     augmentations: list[str] = field(default_factory=lambda: ["none", "hflip"])  # one drawn per image per epoch
+    # Augmentations of the teacher photos' feature cache (empty: as `augmentations`); a subset of
+    # `augmentations`, and only for the readout head, whose rows are the cached (image, aug) pairs.
+    teacher_augmentations: list[str] = field(default_factory=list)
     split_file: str = ""  # folds + holdouts; written if absent, reused if present (default: <runs_dir>/splits/...)
     val_fraction: float = 0.0  # inner validation part of the training images (model selection only)
     cache_dir: str = "runs/cache"  # pooled-feature cache of the frozen trunk
@@ -91,6 +97,8 @@ class ModelConfig:
     teacher_output: bool = False
     score_blend: float = 1.0
     ensemble: int = 1  # heads trained side by side; the score is their mean
+    # "resmem": the resmem package's memorability-trained branch adds its taps (model/memory_branch.py)
+    branch: str = "none"
 
 
 @dataclass
@@ -144,6 +152,10 @@ class ReadoutConfig:
     # none: the labelled output shrinks towards a constant | teacher: towards the teacher output
     # (needs model.teacher_output; model/training/readout.py)
     labelled_prior: str = "none"
+    # Share of the kernel given to the memory branch's taps (model.branch = "resmem") when fitting
+    # the labelled output and the teacher output; the trunk's taps share the rest.
+    branch_share_labelled: float = 0.0
+    branch_share_teacher: float = 0.0
 
 
 @dataclass
@@ -381,12 +393,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.augmentations has duplicates")
     if d.workers < 1:
         raise ConfigError("data.workers must be >= 1")
+    for a in d.teacher_augmentations:
+        if a not in d.augmentations:
+            raise ConfigError(f"data.teacher_augmentations item {a!r} is not in data.augmentations")
+    if d.teacher_augmentations and cfg.model.head != "readout" and d.teacher_augmentations != d.augmentations:
+        raise ConfigError("data.teacher_augmentations differing from data.augmentations needs model.head = 'readout'")
+    for item in d.teacher.extra:
+        if "=" not in item:
+            raise ConfigError(f"data.teacher.extra item {item!r} is not of the form CSV=IMAGE_FOLDER")
 
     m = cfg.model
     _choice(m.trunk, TRUNKS, "model.trunk")
     _choice(m.backbone, tuple(BLOCKS_PER_STAGE), "model.backbone")
     _choice(m.head, HEADS, "model.head")
     _choice(m.taps, ("all", "last"), "model.taps")
+    _choice(m.branch, ("none", "resmem"), "model.branch")
+    if m.branch == "resmem" and m.trunk != "resmem":
+        raise ConfigError("model.branch = 'resmem' reads the resmem package's trunk: it needs model.trunk = 'resmem'")
+    for name in ("branch_share_labelled", "branch_share_teacher"):
+        share = getattr(cfg.readout, name)
+        if not 0 <= share <= 1:
+            raise ConfigError(f"readout.{name} must be in [0, 1]")
+        if share > 0 and m.branch == "none":
+            raise ConfigError(f"readout.{name} > 0 needs model.branch = 'resmem'")
     _choice(m.input_scaling, ("imagenet", "unit"), "model.input_scaling")
     if m.trunk == "file" and not m.trunk_path:
         raise ConfigError("model.trunk = 'file' needs model.trunk_path")

@@ -329,10 +329,18 @@ def load_dataset(spec, *, cache_dir: str | Path | None = None, verbose: bool = T
 
 
 def load_teacher(spec, *, verbose: bool = True) -> ScoredImages:
-    """A TeacherSpec -> ScoredImages of raw teacher scores."""
-    data = load_csv_dataset(os.path.abspath(spec.csv), image_root=os.path.abspath(spec.image_root) if spec.image_root
-                            else None, path_column=spec.path_column or None,
-                            score_column=spec.score_column or None, name="teacher", verbose=verbose)
+    """A TeacherSpec -> ScoredImages of raw teacher scores (`csv`, then every `extra` file)."""
+    sources = [(spec.csv, spec.image_root)] + [tuple(item.split("=", 1)) for item in spec.extra]
+    parts = [load_csv_dataset(os.path.abspath(csv_path), image_root=os.path.abspath(root) if root else None,
+                              path_column=spec.path_column or None, score_column=spec.score_column or None,
+                              name="teacher", verbose=verbose)
+             for csv_path, root in sources]
+    data = parts[0]
+    if len(parts) > 1:  # keys relative to the folders' common parent stay unique across the files
+        root = os.path.commonpath([p.root for p in parts])
+        data = ScoredImages("teacher", [x for p in parts for x in p.paths],
+                            np.concatenate([p.scores for p in parts]), skipped=sum(p.skipped for p in parts),
+                            root=root)
     if spec.limit and spec.limit < len(data):
         data = limit_images(data, spec.limit)
     return data

@@ -32,6 +32,11 @@ def apply_augmentation(tensor: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown augmentation {name!r}; choose from {AUGMENTATIONS}")
 
 
+def tap_set_id(cfg) -> str:
+    """What a cache row holds, for its sidecar: the trunk taps and any memory branch."""
+    return cfg.taps if getattr(cfg, "branch", "none") == "none" else f"{cfg.taps}+{cfg.branch}-branch"
+
+
 def cache_key(trunk_id: str, preprocessing: Preprocessing, paths: Sequence[str], augmentations: Sequence[str],
               taps: str) -> dict:
     listing = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
@@ -76,7 +81,7 @@ def cached_features(cache_file: str | Path, model: ResMemNet, preprocessing: Pre
     """Load the cache if its sidecar matches, else compute and write it."""
     cache_file = Path(cache_file)
     sidecar = cache_file.with_suffix(".json")
-    key = cache_key(trunk_id, preprocessing, paths, augmentations, model.cfg.taps)
+    key = cache_key(trunk_id, preprocessing, paths, augmentations, tap_set_id(model.cfg))
     if cache_file.is_file() and sidecar.is_file():
         try:
             if json.loads(sidecar.read_text()) == key:

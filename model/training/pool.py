@@ -96,10 +96,18 @@ def make_run_spec(cfg: Config, pool: Pool, name: str, run_dir: Path, train_keys,
 class FeatureTable:
     """Cached (N_i, A, D) float16 feature arrays of several image lists, indexed as one."""
 
-    def __init__(self, parts: list[np.ndarray], augmentations: list[str]):
+    def __init__(self, parts: list[np.ndarray], augmentations: list[str], part_augmentations=None):
+        """augmentations: the names aug_idx counts in; part_augmentations: each part's own (a
+        subset; default all of them), e.g. teacher photos cached unmirrored."""
         self.parts = parts
         self.augmentations = list(augmentations)
+        self.part_augmentations = [list(a) for a in (part_augmentations or [augmentations] * len(parts))]
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def augmentations_of(self, idx) -> list[str]:
+        """The augmentations cached for every image in idx."""
+        parts = np.unique(np.searchsorted(self.offsets, np.asarray(idx, dtype=int), side="right") - 1)
+        return [a for a in self.augmentations if all(a in self.part_augmentations[p] for p in parts)]
 
     def rows(self, idx, aug_idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=int)
@@ -108,7 +116,15 @@ class FeatureTable:
         part = np.searchsorted(self.offsets, idx, side="right") - 1
         for p in np.unique(part):
             sel = part == p
-            out[sel] = self.parts[p][idx[sel] - self.offsets[p], aug_idx[sel]]
+            names = self.part_augmentations[p]
+            local = np.array([names.index(self.augmentations[a]) for a in range(len(self.augmentations))
+                              if self.augmentations[a] in names])
+            wanted = aug_idx[sel]
+            if any(self.augmentations[a] not in names for a in np.unique(wanted)):
+                raise ValueError(f"feature part {p} has no cached rows for augmentations "
+                                 f"{[self.augmentations[a] for a in np.unique(wanted)]} (it holds {names})")
+            pos = {a: i for i, a in enumerate(a for a in range(len(self.augmentations)) if self.augmentations[a] in names)}
+            out[sel] = self.parts[p][idx[sel] - self.offsets[p], local[[pos[a] for a in wanted]]]
         return out
 
 
@@ -229,19 +245,20 @@ def attach_features(cfg: Config, pool: Pool, model, source, preprocessing, devic
     Under torchrun the extraction is split over the ranks (`sharded_cached_features`)."""
     import hashlib
 
-    from .features import cache_key, cached_features
+    from .features import cache_key, cached_features, tap_set_id
 
     if not (cfg.model.head == "readout" or any(ph.cached and ph.epochs > 0 for ph in cfg.phases)):
         return
     trunk_id = cfg.data.cache_trunk_id or trunk_identity(source, cfg)
-    augs = cfg.data.augmentations
-    parts = []
+    parts, part_augs = [], []
     for name, paths, explicit in (("labelled", pool.labelled.paths, cfg.data.labelled_cache),
                                   ("teacher", pool.teacher.paths if pool.teacher is not None else [],
                                    cfg.data.teacher_cache)):
         if not paths:
             continue
-        key = cache_key(trunk_id, preprocessing, paths, augs, model.cfg.taps)
+        augs = cfg.data.teacher_augmentations if name == "teacher" and cfg.data.teacher_augmentations \
+            else cfg.data.augmentations
+        key = cache_key(trunk_id, preprocessing, paths, augs, tap_set_id(model.cfg))
         if explicit:
             file = Path(explicit)
             check_explicit_cache(file, key, f"data.{name}_cache")
@@ -255,7 +272,8 @@ def attach_features(cfg: Config, pool: Pool, model, source, preprocessing, devic
                       batch_size=cfg.train.eval_batch_size, workers=cfg.data.workers, device=device)
         log(f"features: {name} {feats.shape} from {file} ({time.perf_counter() - start:.1f} s)")
         parts.append(feats)
-    pool.features = FeatureTable(parts, augs)
+        part_augs.append(list(augs))
+    pool.features = FeatureTable(parts, cfg.data.augmentations, part_augs)
 
 
 def sharded_cached_features(file: Path, model, preprocessing, paths: list[str], *, trunk_id: str, augmentations,
@@ -263,10 +281,10 @@ def sharded_cached_features(file: Path, model, preprocessing, paths: list[str], 
     """features.cached_features with the extraction split over the ranks: rank r extracts images
     r, r + N, r + 2N, ... into a part cache of its own (kept until merged, so an interrupted job
     resumes), rank 0 interleaves the parts into the cache file, and every rank loads it."""
-    from .features import cache_key, cached_features
+    from .features import cache_key, cached_features, tap_set_id
 
     file = Path(file)
-    key = cache_key(trunk_id, preprocessing, paths, augmentations, model.cfg.taps)
+    key = cache_key(trunk_id, preprocessing, paths, augmentations, tap_set_id(model.cfg))
     if not _cache_matches(file, key):
         def part(r):
             return file.with_name(f"{file.stem}.part{r}of{dist.world}.npy")

@@ -52,6 +52,22 @@ def tap_weights(blocks_per_stage, tap_channels: list[int], weighting: str) -> np
     return w / w.sum()
 
 
+def output_tap_weights(model_cfg, weighting: str, branch_share: float = 0.0) -> np.ndarray:
+    """Kernel share per tap the head reads (sums to 1): the trunk's taps by `weighting`, scaled by
+    1 - branch_share, then the memory branch's taps (model.branch = "resmem") sharing
+    branch_share equally. A share of 0 leaves the branch out of that output's fit."""
+    from ..backbones import BLOCKS_PER_STAGE
+
+    trunk = tap_weights(BLOCKS_PER_STAGE[model_cfg.backbone], model_cfg.trunk_tap_channels, weighting)
+    n_branch = len(model_cfg.tap_channels) - len(model_cfg.trunk_tap_channels)
+    if n_branch == 0:
+        return trunk
+    share = float(branch_share)
+    out = np.concatenate([trunk * (1.0 - share), np.full(n_branch, share / n_branch)])
+    # TapKernel takes sqrt(weight / width) per column: a zero share must stay an exact zero.
+    return out
+
+
 @dataclass
 class RidgeFit:
     """f(x) = x @ weight + bias on raw pooled taps, and how the penalty was chosen."""

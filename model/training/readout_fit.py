@@ -17,13 +17,11 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
     With readout.labelled_prior = "teacher", output 0 is fitted as a correction of output 1."""
     import torch
 
-    from ..backbones import BLOCKS_PER_STAGE
-    from .readout import TapKernel, fit_ridge, tap_weights
+    from .readout import TapKernel, fit_ridge, output_tap_weights
 
     if pool.features is None:
         raise TrainError("model.head = 'readout' is fitted on cached features: the trunk must stay frozen")
     augs = pool.features.augmentations
-    plain = augs.index("none") if "none" in augs else 0
     train = spec.train_idx
     is_teacher = train >= pool.n_labelled
     # (output, name, images); the teacher output first: the labelled one may use it as its prior.
@@ -31,27 +29,30 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
         jobs = [(1, "teacher", train[is_teacher]), (0, "labelled", train[~is_teacher])]
     else:
         jobs = [(0, "labelled", train)]
-    weights = tap_weights(BLOCKS_PER_STAGE[model.cfg.backbone], model.cfg.tap_channels, cfg.readout.tap_weighting)
+    shares = {"labelled": cfg.readout.branch_share_labelled, "teacher": cfg.readout.branch_share_teacher}
     head = model.head
     fitted, coef = {}, {}
     for out, name, idx in jobs:
         if len(idx) < max(cfg.readout.inner_folds, 3):
             raise TrainError(f"{spec.name}: {len(idx)} {name} training images are too few for the readout fit")
         start = time.perf_counter()
-        x = np.concatenate([pool.features.rows(idx, a) for a in range(len(augs))])
-        y = np.tile(spec.targets[idx], len(augs))
+        job_augs = pool.features.augmentations_of(idx)  # teacher photos may be cached unmirrored
+        plain = job_augs.index("none") if "none" in job_augs else 0
+        x = np.concatenate([pool.features.rows(idx, augs.index(a)) for a in job_augs])
+        y = np.tile(spec.targets[idx], len(job_augs))
         prior = None
         if name == "labelled" and cfg.readout.labelled_prior == "teacher":
             w_t, b_t = coef[1]
             teacher_pred = x.astype(np.float64) @ w_t + b_t
             scale, shift = np.polyfit(teacher_pred, y, 1)  # the teacher output on the labelled scale
             prior = scale * teacher_pred + shift
+        weights = output_tap_weights(model.cfg, cfg.readout.tap_weighting, shares[name])
         kernel = TapKernel(x, model.cfg.tap_channels, weights)
         del x
-        fit = fit_ridge(kernel, y, np.tile(idx, len(augs)), alphas=cfg.readout.alphas,
+        fit = fit_ridge(kernel, y, np.tile(idx, len(job_augs)), alphas=cfg.readout.alphas,
                         folds=cfg.readout.inner_folds, seed=cfg.train.seed,
-                        sample_weight=np.tile(spec.weights[idx], len(augs)),
-                        eval_rows=np.repeat(np.arange(len(augs)) == plain, len(idx)), offset=prior)
+                        sample_weight=np.tile(spec.weights[idx], len(job_augs)),
+                        eval_rows=np.repeat(np.arange(len(job_augs)) == plain, len(idx)), offset=prior)
         del kernel
         weight, bias = fit.weight, fit.bias
         if prior is not None:
@@ -60,7 +61,7 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
         with torch.no_grad():
             head.out.weight[out] = torch.from_numpy(weight).to(head.out.weight)
             head.out.bias[out] = float(bias)
-        fitted[name] = {"rows": int(len(idx) * len(augs)), "alpha": fit.alpha,
+        fitted[name] = {"rows": int(len(idx) * len(job_augs)), "alpha": fit.alpha, "branch_share": shares[name],
                         "inner_cv_spearman": {str(a): r for a, r in fit.inner_rho.items()},
                         "seconds": time.perf_counter() - start}
         if prior is not None:

@@ -18,7 +18,7 @@ def save_model_state(model, path: Path, *, head_only: bool) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if not (head_only and k.startswith("trunk."))}
+             if not k.startswith("branch.") and not (head_only and k.startswith("trunk."))}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
@@ -29,7 +29,7 @@ def load_model_state(model, path: Path) -> None:
 
     state = load_file(str(path))
     result = model.load_state_dict(state, strict=False)
-    bad = [k for k in result.missing_keys if not k.startswith("trunk.")] + list(result.unexpected_keys)
+    bad = [k for k in result.missing_keys if not k.startswith(("trunk.", "branch."))] + list(result.unexpected_keys)
     if bad:
         raise TrainError(f"{path} does not fit this model (e.g. {bad[:3]})")
 
