@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli_score import EXIT_OK, EXIT_SOME_FAILED, add_weights_arg, fail, load_scorer
+from app.cli_score import EXIT_OK, EXIT_SOME_FAILED, add_weights_arg, fail, load_scorer, weights_path
 
 
 def register(sub) -> None:
@@ -80,7 +80,7 @@ def run_heatmap(args) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return fail(f"cannot create the output folder {out_dir}: {exc}")
-    scorer = load_scorer(args.weights, args.device)
+    scorer = load_scorer(weights_path(args), args.device)
     failed = 0
     for path in missing:
         print(f"{path}: error: no such file or folder (not_found)", file=sys.stderr)
