@@ -108,7 +108,7 @@ def _name(upload: UploadFile) -> str:
 async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepared:
     """Decode (and preprocess) an upload in the decode pool; ImageDecodeError -> ServiceError.
     to_tensor=False keeps the decoded image instead of the tensor (heatmaps)."""
-    from model.preprocess import ImageDecodeError, decode_image
+    from model.preprocess import ImageDecodeError, decode_image, frame_warnings
     from model.quality import input_warnings
 
     data = await _read_upload(state, upload)
@@ -118,7 +118,7 @@ async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepa
     def work():
         started = time.perf_counter()
         img = decode_image(data, max_pixels=max_pixels)
-        warns = input_warnings(img)
+        warns = input_warnings(img) + frame_warnings(img)
         if not to_tensor:
             return Prepared(None, img.width, img.height, time.perf_counter() - started, warns, img)
         tensor = preprocessing.image_to_tensor(img)
@@ -239,7 +239,8 @@ HEATMAP_HEADERS = {
                                     "gives it; empty when the checkpoint has no reference set",
                      "schema": {"type": "string"}},
     "X-Warnings": {"description": "comma-separated codes of what the model cannot judge in this input (flat, "
-                                  "noise, text, low_resolution); empty if none", "schema": {"type": "string"}},
+                                  "noise, text, low_resolution; multi_frame: only the first frame/page of "
+                                  "an animated or multi-page file was scored); empty if none", "schema": {"type": "string"}},
 }
 
 

@@ -41,6 +41,8 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
 
     EXIF orientation is applied, an embedded ICC profile is converted to sRGB, and every mode
     is mapped to RGB by `to_rgb` (see there for bit depths, float data and alpha).
+    Only the first frame/page of a multi-frame file is decoded; the result's `info["n_frames"]`
+    says how many the file has (see `frame_warnings`).
     Raises ImageDecodeError with reason empty, not_found, not_an_image, corrupt, too_many_pixels
     or non_finite.
     """
@@ -66,6 +68,7 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
                     "too_many_pixels",
                     f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                 )
+            n_frames = _frame_count(img)
             img.load()
     except ImageDecodeError:
         raise
@@ -83,11 +86,28 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
     except Exception:  # a malformed EXIF block must not lose the picture
         pass
     try:
-        return to_rgb(img, icc_profile=icc_profile)
+        rgb = to_rgb(img, icc_profile=icc_profile)
     except ImageDecodeError:
         raise
     except Exception as exc:  # a mode or band layout Pillow opened but cannot convert
         raise ImageDecodeError("corrupt", f"the image cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
+    rgb.info["n_frames"] = n_frames  # only frame 1 is decoded; callers warn "multi_frame" (frame_warnings)
+    return rgb
+
+
+def _frame_count(img: Image.Image) -> int:
+    """Frames/pages in the file (animated GIF/PNG/WebP, multi-page TIFF, MPO); 1 for still images."""
+    try:
+        n = int(getattr(img, "n_frames", 1))
+        img.seek(0)  # counting may have moved a lazily-read file off frame 1
+    except Exception:  # a damaged later frame must not lose the first one
+        return 1
+    return max(1, n)
+
+
+def frame_warnings(img: Image.Image) -> list[str]:
+    """["multi_frame"] when decode_image scored only the first of several frames/pages, else []."""
+    return ["multi_frame"] if int(img.info.get("n_frames", 1)) > 1 else []
 
 
 def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image:
