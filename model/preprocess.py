@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -57,6 +59,7 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty", f"the file is empty (0 bytes): {path}")
         stream = path
+    _let_pillow_open(max_pixels)
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check warns at 89 MP and raises at 179 MP; we apply our own limit.
@@ -75,7 +78,10 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
     except UnidentifiedImageError:
         raise ImageDecodeError("not_an_image", "not an image format that Pillow can read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("too_many_pixels", str(exc)) from None
+        # Pillow refused from the header before we saw the size; quote our limit, not Pillow's.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "over the limit"
+        raise ImageDecodeError("too_many_pixels", f"image is {size}; the limit is {max_pixels}") from None
     except Exception as exc:  # any decoder failure on hostile bytes is the file's fault, not ours
         raise ImageDecodeError("corrupt", f"the image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     if img.width < 1 or img.height < 1:
@@ -93,6 +99,19 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         raise ImageDecodeError("corrupt", f"the image cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
     rgb.info["n_frames"] = n_frames  # only frame 1 is decoded; callers warn "multi_frame" (frame_warnings)
     return rgb
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _let_pillow_open(max_pixels: int) -> None:
+    """Raise Pillow's process-wide bomb limit (it refuses at 2 x MAX_IMAGE_PIXELS, about 179 MP)
+    so that a configured `max_pixels` above it is honoured. Only ever raised, never lowered,
+    so concurrent decodes with different limits cannot undo each other; our own check still applies."""
+    needed = (int(max_pixels) + 1) // 2
+    with _PILLOW_LIMIT_LOCK:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < needed:
+            Image.MAX_IMAGE_PIXELS = needed
 
 
 def _frame_count(img: Image.Image) -> int:

@@ -83,3 +83,37 @@ def test_service_answers_multi_frame_warning(scorer, one_torch_thread):
                                                ("files", ("b.png", make_image(fmt="PNG"), "image/png"))])
         results = r.json()["results"]
         assert "multi_frame" in results[0]["warnings"] and "multi_frame" not in results[1]["warnings"]
+
+
+# -- 3: the pixel limit is ours, above and below Pillow's own bomb limit ----------------------
+PILLOW_DEFAULT_LIMIT = int(1024 * 1024 * 1024 // 4 // 3)  # Pillow refuses at twice this (178956970 px)
+
+
+def test_over_pillows_bomb_limit_quotes_our_limit(monkeypatch):
+    from PIL import Image
+    from test_service_api import png_header_only
+
+    from model.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_DEFAULT_LIMIT)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(png_header_only(20000, 10000))  # 200 MP, refused from the header
+    assert info.value.reason == "too_many_pixels"
+    assert info.value.message == f"image is 200000000 pixels; the limit is {DEFAULT_MAX_PIXELS}"
+    assert "178956970" not in info.value.message
+
+
+def test_configured_limit_above_pillows_is_honoured(monkeypatch):
+    # Pillow's limit scaled down (refuses over 2000 px) so the test needs no 200 MP buffers.
+    from PIL import Image
+
+    from model.preprocess import ImageDecodeError, decode_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = make_image(size=(100, 100), fmt="PNG")  # 10,000 px
+    assert decode_image(data, max_pixels=20_000).size == (100, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data, max_pixels=5_000)
+    assert info.value.reason == "too_many_pixels"
+    assert info.value.message.endswith("the limit is 5000")
