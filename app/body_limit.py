@@ -1,12 +1,16 @@
-"""Request body limit (413) enforced while the body streams in, before it is buffered.
+"""Request body limit (413) and body timeout (408) enforced while the body streams in.
 
 A declared Content-Length over the limit is refused without reading the body; a chunked body
 is counted as it arrives and refused as soon as it passes the limit, so an upload never costs
-more than the limit in memory or temporary disk. Whatever the application was about to answer
-(FastAPI turns a failed form parse into a 400) is replaced by the standard 413 error body.
+more than the limit in memory or temporary disk. A body that stops arriving (no data for
+`timeout_s` before it is complete) is answered 408 `request_timeout` and the connection closed,
+so a stalled client cannot hold a connection and its partial upload open. Whatever the
+application was about to answer (FastAPI turns a failed form parse into a 400) is replaced by
+the standard error body.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Callable
 
@@ -16,14 +20,30 @@ from .errors import error_body, mark_error
 SCOPE_MULTIPART_COMPLETE = "resmemnet.multipart_complete"
 
 
+DEFAULT_BODY_TIMEOUT_S = 30.0
+
+
 class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(BodyTooLarge):
+    """The body stopped arriving (a subclass so every path that handles a refused body handles it)."""
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app, limit_for: Callable[[str], int | None]):
+    def __init__(self, app, limit_for: Callable[[str], int | None], timeout_s: float | None = None):
+        """`timeout_s`: longest wait for the next body message; None: the app's
+        `state.settings.body_timeout_s` (ServiceSettings), else DEFAULT_BODY_TIMEOUT_S."""
         self.app = app
         self.limit_for = limit_for
+        self.timeout_s = timeout_s
+
+    def _timeout(self, scope) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+        return float(getattr(settings, "body_timeout_s", DEFAULT_BODY_TIMEOUT_S))
 
     async def __call__(self, scope, receive, send):
         limit = self.limit_for(scope["path"]) if scope["type"] == "http" else None
@@ -35,13 +55,23 @@ class BodyLimitMiddleware:
             await self._reject(scope, send, limit, declared)
             return
 
-        state = {"received": 0, "exceeded": False, "answered": False, "started": False}
+        timeout = self._timeout(scope)
+        state = {"received": 0, "exceeded": False, "timed_out": False, "body_done": False,
+                 "answered": False, "started": False}
         closing = _closing_boundary(scope)
         tail = bytearray()
 
         async def limited_receive():
-            message = await receive()
+            if state["body_done"]:
+                return await receive()  # waiting for a disconnect after the body is not a stall
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                state["exceeded"] = state["timed_out"] = True
+                raise BodyTimeout() from None
             if message["type"] == "http.request":
+                if not message.get("more_body", False):
+                    state["body_done"] = True
                 chunk = message.get("body", b"")
                 state["received"] += len(chunk)
                 if state["received"] > limit:
@@ -61,7 +91,7 @@ class BodyLimitMiddleware:
                 # Swallow the app's own answer to the aborted parse; send ours instead.
                 if message["type"] == "http.response.start" and not state["answered"]:
                     state["answered"] = True
-                    await self._reject(scope, send, limit, None)
+                    await self._refuse(scope, send, limit, state)
                 return
             if message["type"] == "http.response.start":
                 state["started"] = True
@@ -72,13 +102,29 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not state["answered"] and not state["started"]:
                 state["answered"] = True
-                await self._reject(scope, send, limit, None)
+                await self._refuse(scope, send, limit, state)
         except Exception:
             if not state["exceeded"]:
                 raise
             if not state["answered"] and not state["started"]:
                 state["answered"] = True
-                await self._reject(scope, send, limit, None)
+                await self._refuse(scope, send, limit, state)
+
+    async def _refuse(self, scope, send, limit: int, state: dict) -> None:
+        if state["timed_out"]:
+            await self._time_out(scope, send, state["received"])
+        else:
+            await self._reject(scope, send, limit, None)
+
+    async def _time_out(self, scope, send, received: int) -> None:
+        mark_error(scope, "request_timeout")
+        message = (f"the request body stopped arriving: no data for {self._timeout(scope):g} s after "
+                   f"{received} bytes; send the whole body without pausing")
+        body = json.dumps(error_body(408, "request_timeout", message)).encode()
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _reject(self, scope, send, limit: int, declared: int | None) -> None:
         # replaces whatever reason the swallowed answer recorded: the request is counted once, as a 413

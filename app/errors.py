@@ -34,6 +34,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "upload_too_large": (413, "a file or the request body is larger than the upload limit"),
     "too_many_pixels": (413, "the image has more pixels than the limit (decompression-bomb guard)"),
     "too_many_files": (413, "more files in one /score/batch request than allowed"),
+    "request_timeout": (408, "the request body stopped arriving: no data for `RESMEMNET_BODY_TIMEOUT_S` seconds "
+                             "before it was complete; the connection is closed"),
     "bad_request": (400, "the request body could not be parsed (e.g. malformed multipart)"),
     "not_found": (404, "no such endpoint"),
     "method_not_allowed": (405, "the endpoint exists but not for this HTTP method"),
@@ -48,7 +50,8 @@ REASONS: dict[str, tuple[int, str]] = {
 # ImageDecodeError.reason -> our reason (the same codes, plus the file-level ones).
 DECODE_REASONS = {"empty", "corrupt", "not_an_image", "too_many_pixels", "non_finite"}
 
-HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "upload_too_large",
+HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                       413: "upload_too_large",
                        415: "not_an_image", 422: "invalid_request", 503: "not_ready", 504: "deadline_exceeded"}
 
 

@@ -65,6 +65,9 @@ class ServiceSettings:
     max_pixels: int = field(default_factory=_default_max_pixels,
                             metadata=_doc("largest width x height decoded (413 beyond; decompression-bomb guard)"))
     max_files_per_request: int = field(default=32, metadata=_doc("most files one POST /score/batch may carry"))
+    body_timeout_s: float = field(default=30.0, metadata=_doc(
+        "longest wait for the next piece of a request body still being uploaded; past it the answer is 408 "
+        "`request_timeout` and the connection is closed (a stalled upload is not held open)"))
     # -- heatmaps ------------------------------------------------------------------------------
     heatmap_concurrency: int = field(default=1, metadata=_doc("heatmaps computed at once; more get 503 + Retry-After"))
 
@@ -83,6 +86,8 @@ class ServiceSettings:
                 problems.append(f"{name} must not be negative")
         if self.request_timeout_s <= 0:
             problems.append("request_timeout_s must be positive")
+        if self.body_timeout_s <= 0:
+            problems.append("body_timeout_s must be positive")
         if not 0 < self.port < 65536:
             problems.append(f"port must be 1..65535, not {self.port}")
         if problems:

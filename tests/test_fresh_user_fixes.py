@@ -117,3 +117,52 @@ def test_configured_limit_above_pillows_is_honoured(monkeypatch):
         decode_image(data, max_pixels=5_000)
     assert info.value.reason == "too_many_pixels"
     assert info.value.message.endswith("the limit is 5000")
+
+
+# -- 4: a stalled upload gets 408 request_timeout and the connection is closed -----------------
+def _read_all(sock) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_stalled_upload_gets_408_and_is_closed(scorer, one_torch_thread):
+    import json
+    import socket
+
+    from test_service_http import metric_samples, serve_in_thread
+
+    from app.service import create_app
+    from app.settings import ServiceSettings
+
+    app = create_app(ServiceSettings(warmup=False, body_timeout_s=0.5), scorer=scorer)
+    with serve_in_thread(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n"
+                         b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n"
+                         + b"\xff" * 1000)
+            answer = _read_all(sock)  # returns only when the server closes the connection
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 408 Request Timeout"
+        error = json.loads(body)["error"]
+        assert error["status"] == 408 and error["reason"] == "request_timeout" and "0.5 s" in error["message"]
+        counted = {s.labels["reason"]: s.value for s in metric_samples(base, "resmemnet_errors_total")}
+        assert counted.get("request_timeout") == 1.0
+        # a complete upload on the same server still scores
+        import httpx
+
+        r = httpx.post(base + "/score", files={"file": ("a.jpg", make_image(), "image/jpeg")}, timeout=60)
+        assert r.status_code == 200 and r.json()["warnings"] is not None
+
+
+def test_body_timeout_setting_is_validated():
+    from app.settings import ServiceSettings, SettingsError
+
+    assert ServiceSettings.from_env({"RESMEMNET_BODY_TIMEOUT_S": "2.5"}, warmup=False).body_timeout_s == 2.5
+    with pytest.raises(SettingsError, match="body_timeout_s must be positive"):
+        ServiceSettings(body_timeout_s=0)
