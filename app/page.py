@@ -30,7 +30,7 @@ def wants_html(accept: str) -> bool:
     return "text/html" in accept.lower()
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])  # HEAD: uptime checkers probe with it
 async def page(request: Request):
     """The page for browsers; the JSON index (service, phase, endpoints) for everyone else."""
     if not wants_html(request.headers.get("accept", "")):

@@ -368,7 +368,7 @@ class _HeatmapSlot:
 
 
 # -- operations ------------------------------------------------------------------------------
-@router.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="Liveness",
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=HealthResponse, tags=["operations"], summary="Liveness",
             responses=error_responses(503))
 async def healthz(request: Request):
     """200 while the process serves requests (also while the model loads); 503 if the model failed to load."""
@@ -379,7 +379,7 @@ async def healthz(request: Request):
     return HealthResponse(status="ok", phase=state.phase)
 
 
-@router.get("/readyz", response_model=ReadyResponse, tags=["operations"], summary="Readiness",
+@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=ReadyResponse, tags=["operations"], summary="Readiness",
             responses=error_responses(503))
 async def readyz(request: Request):
     """200 once the model is loaded and warmed up; 503 (with the phase) before that and while shutting down."""
@@ -402,7 +402,7 @@ async def metrics(request: Request) -> Response:
     return Response(data, media_type=content_type)
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def index(request: Request):
     state = _state(request)
     return {"service": "resmemnet", "phase": state.phase, "docs": "/docs",

@@ -166,3 +166,16 @@ def test_body_timeout_setting_is_validated():
     assert ServiceSettings.from_env({"RESMEMNET_BODY_TIMEOUT_S": "2.5"}, warmup=False).body_timeout_s == 2.5
     with pytest.raises(SettingsError, match="body_timeout_s must be positive"):
         ServiceSettings(body_timeout_s=0)
+
+
+# -- 5: HEAD on /, /healthz and /readyz ---------------------------------------------------------
+def test_head_is_allowed_on_index_and_probes(scorer, one_torch_thread):
+    from test_service_api import serving
+
+    with serving(scorer) as client:
+        for path in ("/", "/healthz", "/readyz"):
+            get, head = client.get(path), client.head(path)
+            assert head.status_code == get.status_code == 200, (path, head.status_code)
+            assert head.content == b""
+        assert client.head("/", headers={"accept": "text/html"}).status_code == 200
+        assert client.head("/score").status_code == 405  # POST-only endpoints still refuse HEAD
