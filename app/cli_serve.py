@@ -35,7 +35,7 @@ def run_serve(args) -> int:
             log_level=args.log_level)
     except SettingsError as exc:
         return _fail(str(exc))
-    problem = check_startup(settings)
+    problem = check_port(settings.host, settings.port) or check_startup(settings)
     if problem:
         return _fail(problem)
 
@@ -97,6 +97,21 @@ def check_startup(settings) -> str | None:
         resolve_device(settings.device)
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def check_port(host: str, port: int) -> str | None:
+    """None if host:port can be bound now (as uvicorn binds it: SO_REUSEADDR, IPv6 for a host with ':'),
+    else the reason; checked before the model loads so a taken port costs no start-up."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running there?)"
     return None
 
 

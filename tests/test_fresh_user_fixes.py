@@ -179,3 +179,43 @@ def test_head_is_allowed_on_index_and_probes(scorer, one_torch_thread):
             assert head.content == b""
         assert client.head("/", headers={"accept": "text/html"}).status_code == 200
         assert client.head("/score").status_code == 405  # POST-only endpoints still refuse HEAD
+
+
+# -- 6: serve on a taken port: one error line, exit 2, before the model loads ------------------
+def test_serve_on_a_taken_port_fails_at_once(tiny_checkpoint, monkeypatch, capsys):
+    import socket
+
+    import app.service
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the app was created although the port is taken")
+
+    monkeypatch.setattr(app.service, "create_app", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", str(tiny_checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"resmemnet serve: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_check_port_accepts_a_free_port():
+    from app.cli_serve import check_port
+
+    with socket_free_port() as port:
+        assert check_port("127.0.0.1", port) is None
+
+
+def socket_free_port():
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        yield port
+    return free()
