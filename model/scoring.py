@@ -237,6 +237,8 @@ class Scorer:
 def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
     """Expand folders (recursively, sorted; hidden files skipped) -> (files, problems).
 
+    Symlinked sub-folders are followed; a folder reached again (a link loop, or two links to one
+    folder) is walked once, under the first path that reaches it.
     Files named explicitly are always kept, even if they are not images: the scorer reports them.
     A path that does not exist is returned as a problem so the caller can report it as a row.
     """
@@ -245,8 +247,15 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            seen = {os.path.realpath(p)}
+            for root, dirs, names in os.walk(p, followlinks=True):
+                kept = []
+                for d in sorted(d for d in dirs if not d.startswith(".")):
+                    real = os.path.realpath(os.path.join(root, d))
+                    if real not in seen:
+                        seen.add(real)
+                        kept.append(d)
+                dirs[:] = kept
                 for name in sorted(names):
                     if not name.startswith("."):
                         files.append(str(Path(root) / name))
