@@ -488,11 +488,12 @@ def test_real_lnsim_and_teacher_load(tmp_path):
 
     cfg = load_config("default", [f"data.labelled.root={SHARED_DATA / 'lnsim'}",
                                   f"data.teacher.csv={SHARED_DATA / 'pool_resmem_scores.csv'}",
-                                  f"data.teacher.image_root={SHARED_DATA / 'pool'}"])
+                                  f"data.teacher.image_root={SHARED_DATA / 'pool'}",
+                                  f"data.teacher.extra=[\"{SHARED_DATA / 'pool2_resmem_scores.csv'}={SHARED_DATA / 'pool2'}\"]"])
     data = load_dataset(cfg.data.labelled, verbose=False)
     assert len(data) + data.skipped == 2632 and len(data) >= 2000
     assert 0 <= data.scores.min() and data.scores.max() <= 1
     teacher = load_teacher(cfg.data.teacher, verbose=False)
-    assert len(teacher) == 2500
+    assert len(teacher) == 6388
     plan = build_splits(data, teacher, folds=5, seed=0, val_fraction=0.0, holdout_fraction=0.1)
-    assert sum(len(f["test"]) for f in plan["folds"]) == len(data) and len(plan["teacher"]["holdout"]) == 250
+    assert sum(len(f["test"]) for f in plan["folds"]) == len(data) and len(plan["teacher"]["holdout"]) == 639
