@@ -6,6 +6,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import REASONS, error_body
 
 
+
+PERCENTILE_DOC = ("the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when "
+                  "the checkpoint has no reference set")
+WARNINGS_DOC = ("codes for inputs the model cannot judge (its score then says little): flat, noise, text, "
+                "low_resolution; multi_frame when only the first frame or page was scored; empty when none")
+
 class ModelInfo(BaseModel):
     name: str = Field(description="checkpoint name")
     version: str = Field(description="checkpoint version")
@@ -30,12 +36,8 @@ class ScoreResponse(BaseModel):
         "model": MODEL_EXAMPLE, "elapsed_ms": 18.4, "timing": TIMING_EXAMPLE}]})
 
     score: float = Field(ge=0.0, le=1.0, description="predicted memorability, 0 (forgettable) to 1 (memorable)")
-    percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=(
-        "the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when the "
-        "checkpoint has no reference set"))
-    warnings: list[str] = Field(default_factory=list, description=(
-        "codes for inputs the model cannot judge (its score then says little): flat, noise, text, low_resolution; "
-        "empty when none"))
+    percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=PERCENTILE_DOC)
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS_DOC)
     filename: str | None = Field(default=None, description="the upload's file name, as sent")
     width: int = Field(description="width of the decoded image (after EXIF rotation), pixels")
     height: int = Field(description="height of the decoded image (after EXIF rotation), pixels")
@@ -62,12 +64,8 @@ class BatchItem(BaseModel):
     filename: str | None = None
     ok: bool
     score: float | None = Field(default=None, ge=0.0, le=1.0)
-    percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=(
-        "the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when the "
-        "checkpoint has no reference set"))
-    warnings: list[str] = Field(default_factory=list, description=(
-        "codes for inputs the model cannot judge (its score then says little): flat, noise, text, low_resolution; "
-        "empty when none"))
+    percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=PERCENTILE_DOC)
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS_DOC)
     width: int | None = None
     height: int | None = None
     timing: Timing | None = None

@@ -28,25 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# The resmem package's documented use, one photo at a time (its README), as a whole process.
-RESMEM_SCRIPT = r"""
-import sys
-import torch
-from PIL import Image
-from resmem import ResMem, transformer
-model = ResMem(pretrained=True).eval()
-with torch.no_grad():
-    for p in sys.argv[1:]:
-        x = transformer(Image.open(p).convert("RGB"))
-        model(x.view(-1, 3, 227, 227)).item()
-"""
-
-
-def photos(folder: str, n: int) -> list[str]:
-    names = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not names:
-        raise SystemExit(f"no photos in {folder}")
-    return [str(names[i % len(names)]) for i in range(n)]
+from bench_scorer import RESMEM_SCRIPT, photos  # noqa: E402  (the resmem package's own loop; photo list)
 
 
 def summary(values: list[float]) -> dict:
