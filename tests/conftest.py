@@ -8,7 +8,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import io  # noqa: E402
-from pathlib import Path
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -62,3 +68,57 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- a real `resmemnet serve` on loopback, for the tests that talk HTTP to it ----------------------
+def serve_command() -> list[str]:
+    script = Path(sys.executable).parent / "resmemnet"
+    return [str(script), "serve"] if script.exists() else [sys.executable, "-m", "app.cli", "serve"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, timeout: float = 180, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll /readyz until 200; AssertionError with the server's log if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {log.read_text() if log else ''}")
+        try:
+            r = httpx.get(base + "/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server at {base} not ready: {log.read_text() if log else ''}")
+
+
+@contextmanager
+def serve_subprocess(weights, tmp_path, **env_settings):
+    """`resmemnet serve` with settings from the environment, exactly as in the container."""
+    port = free_port()
+    env = {**os.environ, "RESMEMNET_HOST": "127.0.0.1", "RESMEMNET_PORT": str(port),
+           "RESMEMNET_WEIGHTS": str(weights), "RESMEMNET_DEVICE": "cpu", "RESMEMNET_LOG_LEVEL": "warning"}
+    env.update({f"RESMEMNET_{k.upper()}": str(v) for k, v in env_settings.items()})
+    log = tmp_path / f"server-{port}.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(serve_command(), env=env, stdout=fh, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc=proc, log=log)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)

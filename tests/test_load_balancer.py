@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
 if HAPROXY is None and os.environ.get("RESMEMNET_REQUIRE_HAPROXY") == "1":  # CI (.ci/run): never skip
@@ -37,12 +36,6 @@ CLIENTS = 3
 DISTINCT = 24  # distinct images; request i sends image i % DISTINCT
 CAP = 120  # hard bound on requests
 TOL = 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def image_bytes(i: int) -> bytes:

@@ -13,17 +13,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image, ImageDraw
+
+from conftest import serve_subprocess
 
 CHROMIUM = os.environ.get("RESMEMNET_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RESMEMNET_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -51,46 +48,6 @@ def require_browser():
 
 
 # -- the server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve(weights: Path, log: Path):
-    """`resmemnet serve` on a free loopback port, as a user starts it; yields the base URL."""
-    port = free_port()
-    script = Path(sys.executable).parent / "resmemnet"
-    cmd = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "app.cli", "serve"]
-    env = {**os.environ, "RESMEMNET_WEIGHTS": str(weights), "RESMEMNET_DEVICE": "cpu", "RESMEMNET_HOST": "127.0.0.1",
-           "RESMEMNET_PORT": str(port), "RESMEMNET_LOG_LEVEL": "warning", "RESMEMNET_TORCH_THREADS": "1"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready: {log.read_text()}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def ranked_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """The test checkpoint with reference quantiles (0, 0.01, ..., 1), so that scores get percentiles."""
@@ -105,7 +62,7 @@ def ranked_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ranked_checkpoint, tmp_path_factory):
-    with serve(ranked_checkpoint, tmp_path_factory.mktemp("server") / "server.log") as base:
+    with serve_subprocess(ranked_checkpoint, tmp_path_factory.mktemp("server"), torch_threads=1) as (base, _):
         yield base
 
 

@@ -21,60 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, make_image
+from conftest import SHARED_DATA, free_port, make_image, serve_command, serve_subprocess, wait_ready
 
 TOL = 1e-4
 POOL = SHARED_DATA / "pool"
-
-
-def serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "resmemnet"
-    return [str(script), "serve"] if script.exists() else [sys.executable, "-m", "app.cli", "serve"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, timeout: float = 180, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {log.read_text() if log else ''}")
-        try:
-            r = httpx.get(base + "/readyz", timeout=5)
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server at {base} not ready: {log.read_text() if log else ''}")
-
-
-@contextmanager
-def serve_subprocess(weights, tmp_path, **env_settings):
-    """`resmemnet serve` with settings from the environment, exactly as in the container."""
-    port = free_port()
-    env = {**os.environ, "RESMEMNET_HOST": "127.0.0.1", "RESMEMNET_PORT": str(port),
-           "RESMEMNET_WEIGHTS": str(weights), "RESMEMNET_DEVICE": "cpu", "RESMEMNET_LOG_LEVEL": "warning"}
-    env.update({f"RESMEMNET_{k.upper()}": str(v) for k, v in env_settings.items()})
-    log = tmp_path / f"server-{port}.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(serve_command(), env=env, stdout=fh, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc=proc, log=log)
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 @contextmanager
