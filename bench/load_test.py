@@ -143,15 +143,17 @@ def serve_command() -> list[str]:
 
 
 @contextmanager
-def spawned_server(weights: str, device: str, **settings):
-    """`resmemnet serve` on a free loopback port, configured like the container (RESMEMNET_* variables)."""
+def spawned_server(weights: str, device: str, *, log_path: Path | None = None, **settings):
+    """`resmemnet serve` on a free loopback port, configured like the container (RESMEMNET_* variables);
+    yields (url, process). Its output goes to `log_path` (default: a temporary file)."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "RESMEMNET_HOST": "127.0.0.1", "RESMEMNET_PORT": str(port), "RESMEMNET_WEIGHTS": weights,
            "RESMEMNET_DEVICE": device, "RESMEMNET_LOG_LEVEL": "warning"}
     env.update({f"RESMEMNET_{k.upper()}": str(v) for k, v in settings.items()})
-    log = tempfile.NamedTemporaryFile(prefix="resmemnet-bench-", suffix=".log", delete=False)
+    log = open(log_path, "wb") if log_path else tempfile.NamedTemporaryFile(prefix="resmemnet-bench-", suffix=".log",
+                                                                              delete=False)
     proc = subprocess.Popen(serve_command(), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -167,7 +169,7 @@ def spawned_server(weights: str, device: str, **settings):
             if time.monotonic() > deadline:
                 raise SystemExit("server did not get ready in 10 minutes")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -240,7 +242,7 @@ def cmd_compare(args) -> dict:
     scorer = load_scorer(args.weights, args.device, args.batch_size)
     with ExitStack() as stack:
         urls = {mode: stack.enter_context(spawned_server(args.weights, args.device,
-                                                         queue_size=max(256, 4 * max(clients)), **settings))
+                                                         queue_size=max(256, 4 * max(clients)), **settings))[0]
                 for mode, settings in modes.items()}
         for round_ in range(args.rounds):
             for t in thread_counts:

@@ -23,8 +23,6 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from load_test import DEFAULT_IMAGES, free_port, list_images, percentile, serve_command  # noqa: E402
+from load_test import DEFAULT_IMAGES, list_images, percentile, spawned_server  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -42,30 +40,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def start_server(weights: str, log: Path, **settings):
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "RESMEMNET_HOST": "127.0.0.1", "RESMEMNET_PORT": str(port), "RESMEMNET_WEIGHTS": weights,
-           "RESMEMNET_DEVICE": "cpu", "RESMEMNET_LOG_LEVEL": "warning"}
-    env.update({f"RESMEMNET_{k.upper()}": str(v) for k, v in settings.items()})
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(serve_command(), env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not ready in 10 minutes")
 
 
 def bad_uploads(good: bytes) -> list[tuple[str, dict, tuple[int, str]]]:
@@ -248,19 +222,12 @@ def main(argv=None) -> int:
     settings = dict(kv.split("=", 1) for kv in args.server_env)
     log = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
     os.environ.update(dict(kv.split("=", 1) for kv in args.env))  # inherited by the server only
-    proc, url = start_server(weights, log, **settings)
-    try:
+    with spawned_server(weights, "cpu", log_path=log, **settings) as (url, proc):
         capacity = asyncio.run(closed_loop(url, payloads, clients=args.clients, seconds=args.capacity_s))
         rate = max(0.5, args.overload * capacity)
         result = asyncio.run(overload(url, payloads, bad_uploads(payloads[0][1]), rate=rate,
                                       seconds=args.minutes * 60, max_requests=args.max_requests, pid=proc.pid,
                                       tolerance=args.tolerance, seed=args.seed, timeout=args.timeout))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     summary = {"weights": Path(weights).name, "env": args.env, "images": len(payloads), "capacity_images_per_s": round(capacity, 2),
                "target_per_s": round(rate, 2), **result, "server_log_tail": log.read_text()[-1500:],
                "command": "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])}
