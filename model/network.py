@@ -357,9 +357,8 @@ class ResMemNet(nn.Module):
                 pooled.append(global_pool(x))
         if self.cfg.taps == "last":
             pooled.append(global_pool(x))
-        if self.branch is not None:
-            last = pooled[-1] if self.cfg.taps == "all" else global_pool(x)
-            pooled += self.branch(images, last)
+        if self.branch is not None:  # it reads the ImageNet logits of the last pooled tap
+            pooled += self.branch(images, pooled[-1])
         return (pooled, x) if keep_maps else pooled
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,9 @@ class FeatureTable:
         self.augmentations = list(augmentations)
         self.part_augmentations = [list(a) for a in (part_augmentations or [augmentations] * len(parts))]
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        # per part: global augmentation index -> the part's own index (-1: not cached there)
+        self._local = [np.array([names.index(a) if a in names else -1 for a in self.augmentations])
+                       for names in self.part_augmentations]
 
     def augmentations_of(self, idx) -> list[str]:
         """The augmentations cached for every image in idx."""
@@ -116,15 +119,12 @@ class FeatureTable:
         part = np.searchsorted(self.offsets, idx, side="right") - 1
         for p in np.unique(part):
             sel = part == p
-            names = self.part_augmentations[p]
-            local = np.array([names.index(self.augmentations[a]) for a in range(len(self.augmentations))
-                              if self.augmentations[a] in names])
-            wanted = aug_idx[sel]
-            if any(self.augmentations[a] not in names for a in np.unique(wanted)):
+            local = self._local[p][aug_idx[sel]]
+            if (local < 0).any():
                 raise ValueError(f"feature part {p} has no cached rows for augmentations "
-                                 f"{[self.augmentations[a] for a in np.unique(wanted)]} (it holds {names})")
-            pos = {a: i for i, a in enumerate(a for a in range(len(self.augmentations)) if self.augmentations[a] in names)}
-            out[sel] = self.parts[p][idx[sel] - self.offsets[p], local[[pos[a] for a in wanted]]]
+                                 f"{[self.augmentations[a] for a in np.unique(aug_idx[sel])]} "
+                                 f"(it holds {self.part_augmentations[p]})")
+            out[sel] = self.parts[p][idx[sel] - self.offsets[p], local]
         return out
 
 

@@ -63,9 +63,7 @@ def output_tap_weights(model_cfg, weighting: str, branch_share: float = 0.0) -> 
     if n_branch == 0:
         return trunk
     share = float(branch_share)
-    out = np.concatenate([trunk * (1.0 - share), np.full(n_branch, share / n_branch)])
-    # TapKernel takes sqrt(weight / width) per column: a zero share must stay an exact zero.
-    return out
+    return np.concatenate([trunk * (1.0 - share), np.full(n_branch, share / n_branch)])
 
 
 @dataclass
