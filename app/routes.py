@@ -108,7 +108,7 @@ def _name(upload: UploadFile) -> str:
 async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepared:
     """Decode (and preprocess) an upload in the decode pool; ImageDecodeError -> ServiceError.
     to_tensor=False keeps the decoded image instead of the tensor (heatmaps)."""
-    from model.preprocess import ImageDecodeError, decode_image, frame_warnings
+    from model.preprocess import ImageDecodeError, decode_image
     from model.quality import input_warnings
 
     data = await _read_upload(state, upload)
@@ -118,7 +118,7 @@ async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepa
     def work():
         started = time.perf_counter()
         img = decode_image(data, max_pixels=max_pixels)
-        warns = input_warnings(img) + frame_warnings(img)
+        warns = input_warnings(img)
         if not to_tensor:
             return Prepared(None, img.width, img.height, time.perf_counter() - started, warns, img)
         tensor = preprocessing.image_to_tensor(img)

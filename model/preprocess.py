@@ -44,7 +44,7 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
     EXIF orientation is applied, an embedded ICC profile is converted to sRGB, and every mode
     is mapped to RGB by `to_rgb` (see there for bit depths, float data and alpha).
     Only the first frame/page of a multi-frame file is decoded; the result's `info["n_frames"]`
-    says how many the file has (see `frame_warnings`).
+    says how many the file has (model.quality.input_warnings warns "multi_frame").
     Raises ImageDecodeError with reason empty, not_found, not_an_image, corrupt, too_many_pixels
     or non_finite.
     """
@@ -97,7 +97,7 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         raise
     except Exception as exc:  # a mode or band layout Pillow opened but cannot convert
         raise ImageDecodeError("corrupt", f"the image cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
-    rgb.info["n_frames"] = n_frames  # only frame 1 is decoded; callers warn "multi_frame" (frame_warnings)
+    rgb.info["n_frames"] = n_frames  # only frame 1 is decoded; model.quality.input_warnings warns "multi_frame"
     return rgb
 
 
@@ -122,11 +122,6 @@ def _frame_count(img: Image.Image) -> int:
     except Exception:  # a damaged later frame must not lose the first one
         return 1
     return max(1, n)
-
-
-def frame_warnings(img: Image.Image) -> list[str]:
-    """["multi_frame"] when decode_image scored only the first of several frames/pages, else []."""
-    return ["multi_frame"] if int(img.info.get("n_frames", 1)) > 1 else []
 
 
 def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image:

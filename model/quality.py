@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-WARNING_CODES = ("noise", "flat", "text", "low_resolution")
+WARNING_CODES = ("noise", "flat", "text", "low_resolution", "multi_frame")
 
 NOISE_CORR = 0.15
 FLAT_STD = 3.0
@@ -136,7 +136,9 @@ def is_low_resolution(img: Image.Image, grey_work: np.ndarray) -> bool:
 
 
 def input_warnings(img: Image.Image) -> list[str]:
-    """Warning codes (a subset of WARNING_CODES, in that order) for a decoded image; [] is fine."""
+    """Warning codes (a subset of WARNING_CODES, in that order) for a decoded image; [] is fine.
+    "multi_frame": decode_image kept only the first of several frames or pages (img.info["n_frames"])."""
+    several_frames = int(img.info.get("n_frames", 1)) > 1
     if img.mode != "RGB":
         from .preprocess import to_rgb  # every mode, alpha and bit depth as the scorer sees it
 
@@ -158,4 +160,6 @@ def input_warnings(img: Image.Image) -> list[str]:
     if not found or found == ["text"]:
         if is_low_resolution(img, grey_work):
             found.append("low_resolution")
+    if several_frames:
+        found.append("multi_frame")
     return found

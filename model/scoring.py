@@ -193,11 +193,8 @@ class Scorer:
 
     def prepare_checked(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         """prepare() plus model.quality's warning codes and "multi_frame" -> (tensor, width, height, warnings)."""
-        from .preprocess import frame_warnings
-
         img = decode_image(source, max_pixels=max_pixels)
-        warns = input_warnings(img) + frame_warnings(img)
-        return self.preprocessing.image_to_tensor(img), img.width, img.height, warns
+        return self.preprocessing.image_to_tensor(img), img.width, img.height, input_warnings(img)
 
     def percentile(self, score: float) -> float | None:
         """The score's rank (0-100) among the checkpoint's reference photos; None without a reference."""
