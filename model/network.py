@@ -41,6 +41,14 @@ class ResMemNetConfig:
     # "resmem": the resmem package's memorability-trained branch (model/memory_branch.py) adds
     # its taps after the trunk's; its weights come from the trunk's package file, never embedded.
     branch: str = "none"
+    # Domain gate (needs teacher_output): a third output d scores how much a photo looks like the
+    # labelled photos (1) rather than the teacher's diverse ones (0). The labelled set's human
+    # labels only speak for photos like it, so the calibrated blend is trusted in proportion to
+    # g = sigmoid((d - gate_center) / gate_width), and the teacher output takes the rest:
+    # score = g * calibrated blend + (1 - g) * teacher output (see blend_outputs).
+    domain_gate: bool = False
+    gate_center: float = 0.5
+    gate_width: float = 0.1
 
     def __post_init__(self):
         if self.backbone not in BLOCKS_PER_STAGE:
@@ -65,10 +73,15 @@ class ResMemNetConfig:
             raise ValueError("branch 'resmem' reads the resmem package's ResNet-152 logits: backbone must be resnet152")
         if self.head == "readout" and self.ensemble != 1:
             raise ValueError("a readout head is fitted in closed form: ensemble must be 1")
+        if self.domain_gate and not (self.teacher_output and self.head == "readout"):
+            raise ValueError("domain_gate needs teacher_output = true and the readout head")
+        if not self.gate_width > 0:
+            raise ValueError(f"gate_width must be positive, got {self.gate_width}")
 
     @property
     def n_outputs(self) -> int:
-        return 2 if self.teacher_output else 1
+        """Head outputs: labelled, then teacher (teacher_output), then domain (domain_gate)."""
+        return 1 + int(self.teacher_output) + int(self.domain_gate)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,14 +239,24 @@ def soft_clamp(score: torch.Tensor, lo: float = SCORE_KNEES[0], hi: float = SCOR
     return torch.where(score > hi, upper, torch.where(score < lo, lower, score))
 
 
+def domain_weight(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
+    """(B, 3) outputs of a gated head -> (B,) g in (0, 1): the weight of the calibrated blend."""
+    return torch.sigmoid((outputs[:, 2] - cfg.gate_center) / cfg.gate_width)
+
+
 def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
     """(B, n_outputs) -> (B,) score: the labelled output, blended with the teacher output if any,
-    then calibrated (identity unless training fitted it) and kept in [0, 1] by soft_clamp."""
+    then calibrated (identity unless training fitted it); with a domain gate, mixed with the
+    teacher output by domain_weight; kept in [0, 1] by soft_clamp."""
     if outputs.shape[1] == 1:
         score = outputs[:, 0]
     else:
         score = cfg.score_blend * outputs[:, 0] + (1.0 - cfg.score_blend) * outputs[:, 1]
-    return soft_clamp(cfg.score_scale * score + cfg.score_shift)  # a linear readout or a calibration can leave [0, 1]
+    score = cfg.score_scale * score + cfg.score_shift
+    if cfg.domain_gate:
+        g = domain_weight(outputs, cfg)
+        score = g * score + (1.0 - g) * outputs[:, 1]
+    return soft_clamp(score)  # a linear readout or a calibration can leave [0, 1]
 
 
 class HeadEnsemble(nn.Module):

@@ -7,7 +7,9 @@ from model.network import BACKBONES, ResMemNetConfig, build_resmemnet, count_par
 VARIANTS = [dict(backbone=b) for b in BACKBONES] + [dict(head="linear"), dict(taps="last"),
                                                     dict(teacher_output=True, score_blend=0.8),
                                                     dict(ensemble=2, teacher_output=True, score_blend=0.8),
-                                                    dict(head="readout", teacher_output=True, score_blend=0.5)]
+                                                    dict(head="readout", teacher_output=True, score_blend=0.5),
+                                                    dict(head="readout", teacher_output=True, score_blend=0.7,
+                                                         domain_gate=True, gate_center=0.4, gate_width=0.05)]
 
 
 def test_default_parameter_count_matches_paper():
@@ -175,6 +177,33 @@ def test_readout_head_is_one_linear_map_of_the_concatenated_taps_clamped_to_0_1(
         assert torch.equal(torch.argsort(high), torch.argsort(0.25 * raised[:, 0] + 0.75 * raised[:, 1]))  # no ties
     with pytest.raises(ValueError, match="ensemble must be 1"):
         ResMemNetConfig(head="readout", ensemble=2)
+
+
+def test_domain_gate_mixes_the_calibrated_blend_with_the_teacher_output_by_the_domain_output():
+    from model.network import domain_weight
+
+    model = build_resmemnet(head="readout", teacher_output=True, score_blend=0.7, domain_gate=True,
+                            gate_center=0.5, gate_width=0.1).eval()
+    model.set_score_calibration(1.2, -0.05)
+    assert model.head.out.out_features == 3 and model.cfg.n_outputs == 3
+    with torch.no_grad():
+        pooled = model.forward_features(torch.rand(4, 3, 64, 64))
+        model.head.out.weight.zero_()
+        model.head.out.bias.copy_(torch.tensor([0.6, 0.3, 0.5]))
+        g = domain_weight(model.head.outputs(pooled), model.cfg)
+        assert torch.allclose(g, torch.full((4,), 0.5))
+        calibrated = 1.2 * (0.7 * 0.6 + 0.3 * 0.3) - 0.05
+        assert torch.allclose(model.head(pooled), torch.full((4,), 0.5 * calibrated + 0.5 * 0.3))
+        model.head.out.bias[2] = 3.0  # clearly like the labelled photos: the calibrated blend alone
+        assert torch.allclose(model.head(pooled), torch.full((4,), calibrated), atol=1e-6)
+        model.head.out.bias[2] = -3.0  # clearly unlike them: the teacher output alone
+        assert torch.allclose(model.head(pooled), torch.full((4,), 0.3), atol=1e-6)
+    with pytest.raises(ValueError, match="domain_gate needs"):
+        ResMemNetConfig(head="readout", domain_gate=True)
+    with pytest.raises(ValueError, match="domain_gate needs"):
+        ResMemNetConfig(teacher_output=True, domain_gate=True)  # an LSTM head has no closed-form domain output
+    with pytest.raises(ValueError, match="gate_width"):
+        ResMemNetConfig(head="readout", teacher_output=True, domain_gate=True, gate_width=0.0)
 
 
 def test_soft_clamp_is_the_identity_inside_its_knees_and_strictly_increasing_into_0_1():

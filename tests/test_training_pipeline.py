@@ -331,6 +331,62 @@ def test_readout_head_is_fitted_in_closed_form_and_its_checkpoint_scores_images(
     assert spearman(scores, data.scores) > 0.5  # fitted to these images (brightness carries the score)
 
 
+def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspace, tmp_path, capsys):
+    """model.domain_gate: a third output separates labelled from teacher photos; CV reports the gated
+    blend curve; the final checkpoint's score follows the gate and carries reference quantiles."""
+    from model.checkpoint import load_checkpoint
+    from model.network import blend_outputs, domain_weight
+
+    # teacher photos of another kind than the labelled ones (a strong colour cast), as in real use
+    teacher = write_teacher(tmp_path / "pool", n=24)
+    for f in (tmp_path / "pool").glob("*.jpg"):
+        arr = np.asarray(Image.open(f).convert("RGB")).astype(np.float64)
+        arr[..., 2] = 255 - arr[..., 2]
+        Image.fromarray(arr.astype(np.uint8)).save(f)
+    cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], tmp_path / "cache", [], teacher=teacher)
+    cfg_path.write_text("phases = []\n" + cfg_path.read_text().replace(
+        'backbone = "resnet50"', 'backbone = "resnet50"\nhead = "readout"\nteacher_output = true\nscore_blend = 0.7'
+        '\ndomain_gate = true\ngate_center = 0.5\ngate_width = 0.1')
+        + '\n[readout]\nalphas = [0.1, 10.0]\ninner_folds = 3\n')
+    cv = tmp_path / "cv"
+    assert train_main(["--config", str(cfg_path), "--cv", "--out", str(cv)]) == 0
+    report = json.loads((cv / "cv.json").read_text())
+    row = next(r for r in report["blend_curve"] if r["blend"] == 0.7)
+    assert row["gated_spearman_mean"] == pytest.approx(report["mean"]["spearman"], abs=1e-3)
+    assert all("gated_teacher_holdout_spearman_mean" in r for r in report["blend_curve"])
+    assert "gated" in capsys.readouterr().err
+
+    run = tmp_path / "final"
+    assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "readout output 2 (domain, 112 rows" in err  # 38 labelled + 18 teacher training photos, each mirrored
+    model, meta = load_checkpoint(run / "tiny.json")
+    assert meta.architecture.domain_gate and model.head.out.out_features == 3
+    assert meta.training["readout"]["domain"]["alpha"] in (0.1, 10.0)
+    ref = meta.reference
+    assert ref["n"] == 24 and len(ref["quantiles"]) == 101 and ref["quantiles"] == sorted(ref["quantiles"])
+    assert meta.percentile(ref["quantiles"][50]) == pytest.approx(50, abs=1.5)
+    from model.scoring import Scorer
+    from model.training.pool import load_data  # noqa: F401  (the same loaders the run used)
+
+    data = load_lnsim(workspace["lnsim"], verbose=False)
+    others = sorted(str(p) for p in (tmp_path / "pool").glob("*.jpg"))
+    pre = meta.preprocessing
+    with torch.no_grad():
+        def outputs(paths):
+            from model.preprocess import decode_image
+
+            x = torch.stack([pre.image_to_tensor(decode_image(p)) for p in paths])
+            return model.head.outputs(model.forward_features(x))
+        lab_out, other_out = outputs(data.paths), outputs(others)
+        # the domain output tells the two kinds apart, and the gate follows it
+        assert lab_out[:, 2].mean() > other_out[:, 2].mean() + 0.5
+        assert domain_weight(lab_out, model.cfg).mean() > 0.8 > 0.2 > domain_weight(other_out, model.cfg).mean()
+        expected = blend_outputs(lab_out, model.cfg)
+    scores = [r.score for r in Scorer(model, pre, device="cpu").score_paths(data.paths, batch_size=16, workers=1)]
+    assert np.allclose(scores, expected.numpy(), atol=1e-5)
+
+
 def test_ensemble_members_are_trained_and_saved(workspace, tmp_path):
     from model.checkpoint import load_checkpoint
 

@@ -99,6 +99,12 @@ class ModelConfig:
     ensemble: int = 1  # heads trained side by side; the score is their mean
     # "resmem": the resmem package's memorability-trained branch adds its taps (model/memory_branch.py)
     branch: str = "none"
+    # A third readout output scores how much a photo looks like the labelled photos rather than the
+    # teacher's; score = g * calibrated blend + (1 - g) * teacher output with
+    # g = sigmoid((domain output - gate_center) / gate_width) (model/network.py, blend_outputs).
+    domain_gate: bool = False
+    gate_center: float = 0.5
+    gate_width: float = 0.1
 
 
 @dataclass
@@ -434,6 +440,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.ensemble must be a whole number >= 1")
     if m.score_blend < 1 and not m.teacher_output:
         raise ConfigError("model.score_blend < 1 needs model.teacher_output = true")
+    if m.domain_gate and not (m.teacher_output and m.head == "readout"):
+        raise ConfigError("model.domain_gate = true needs model.teacher_output = true and model.head = 'readout'")
+    if not (m.gate_width > 0 and math.isfinite(m.gate_width) and math.isfinite(m.gate_center)):
+        raise ConfigError("model.gate_width must be a positive number and model.gate_center a finite one")
 
     p = cfg.preprocessing
     _choice(p.mode, ("shorter_side", "square"), "preprocessing.mode")

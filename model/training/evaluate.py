@@ -55,6 +55,13 @@ def summarize_blend_curves(curves: list[list[dict]]) -> list[dict]:
         hold = [r["teacher_holdout_spearman"] for r in rows if r.get("teacher_holdout_spearman") is not None]
         if hold:
             row["teacher_holdout_spearman_mean"] = float(np.mean(hold))
+        gated = np.array([r["gated_spearman"] for r in rows if "gated_spearman" in r], dtype=float)
+        if len(gated) == len(rows):
+            row["gated_spearman_mean"] = float(gated.mean())
+            row["gated_spearman_std"] = float(gated.std(ddof=1)) if len(gated) > 1 else 0.0
+            ghold = [r["gated_teacher_holdout_spearman"] for r in rows if "gated_teacher_holdout_spearman" in r]
+            if ghold:
+                row["gated_teacher_holdout_spearman_mean"] = float(np.mean(ghold))
         out.append(row)
     return out
 
@@ -137,10 +144,15 @@ def format_report(report: dict) -> str:
             lines.append(f"{r['set']:>12} {r['mean_pred']:>10.4f} {r['mean_true']:>10.4f} {r['mean_true_best']:>10.4f}")
     if report.get("blend_curve"):
         lines.append("")
-        lines.append(f"{'score_blend':>12} {'rho':>8} {'sd':>8} {'teacher':>8}  (teacher: agreement on held-out pool photos)")
+        gated = "gated_spearman_mean" in report["blend_curve"][0]
+        lines.append(f"{'score_blend':>12} {'rho':>8} {'sd':>8} {'teacher':>8}"
+                     + (f" {'gated':>8} {'sd':>8} {'teacher':>8}" if gated else "")
+                     + "  (teacher: agreement on held-out pool photos)")
         for r in report["blend_curve"]:
             lines.append(f"{r['blend']:>12.1f} {r['spearman_mean']:>8.4f} {r['spearman_std']:>8.4f} "
-                         f"{_fmt(r.get('teacher_holdout_spearman_mean')):>8}")
+                         f"{_fmt(r.get('teacher_holdout_spearman_mean')):>8}"
+                         + (f" {r['gated_spearman_mean']:>8.4f} {r['gated_spearman_std']:>8.4f} "
+                            f"{_fmt(r.get('gated_teacher_holdout_spearman_mean')):>8}" if gated else ""))
     return "\n".join(lines)
 
 

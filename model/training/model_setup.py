@@ -37,7 +37,8 @@ def build_model(cfg: Config):
     model = build_resmemnet(backbone=source.depth, trunk_source=source, head=m.head, taps=m.taps,
                             proj_dim=m.proj_dim, hidden_size=m.hidden_size, dropout=m.dropout, feature_dropout=m.feature_dropout,
                             teacher_output=m.teacher_output, score_blend=m.score_blend,
-                            ensemble=m.ensemble, branch=m.branch)
+                            ensemble=m.ensemble, branch=m.branch,
+                            domain_gate=m.domain_gate, gate_center=m.gate_center, gate_width=m.gate_width)
     return model, source
 
 

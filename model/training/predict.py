@@ -52,21 +52,33 @@ def calibrate_score(model, pool: Pool, spec: RunSpec, cfg: Config, loader, devic
                     log=print) -> None:
     """Fit score = scale * blended output + shift to the labelled training scores (least squares).
     The teacher output is fitted to teacher scores on other photos, so on labelled photos the blend
-    is off the labelled scale (CV MSE 0.034 against 0.014); the map keeps the ranking (scale > 0)."""
+    is off the labelled scale (CV MSE 0.034 against 0.014); the map keeps the ranking (scale > 0).
+    With a domain gate the map is fitted to the blend before the gate (what the gate weighs)."""
     model.set_score_calibration(1.0, 0.0)
     lab = spec.train_idx[spec.train_idx < pool.n_labelled]
     if len(lab) < 2:
         return
-    pred = predict(model, pool, lab, cfg, loader, device, trunk_changed=trunk_changed, amp=amp_dtype(cfg, device))
+    if model.cfg.domain_gate:
+        out = head_outputs(model, pool, lab, cfg, device)
+        pred = model.cfg.score_blend * out[:, 0] + (1.0 - model.cfg.score_blend) * out[:, 1]
+    else:
+        pred = predict(model, pool, lab, cfg, loader, device, trunk_changed=trunk_changed,
+                       amp=amp_dtype(cfg, device))
     y = pool.labelled.scores[lab].astype(np.float64)
-    var = float(np.var(pred))
-    scale = float(np.cov(pred, y, bias=True)[0, 1] / var) if var > 1e-12 else 0.0
+    scale, shift = affine_fit(pred, y)
     if scale <= 0:
         log(f"{spec.name}: score calibration skipped (training scores do not rise with the predictions)")
         return
-    shift = float(y.mean() - scale * pred.mean())
     model.set_score_calibration(scale, shift)
     log(f"{spec.name}: score calibration {scale:.4f} * score + {shift:.4f}")
+
+
+def affine_fit(pred, y) -> tuple[float, float]:
+    """Least-squares (scale, shift) of y on pred; scale 0 when pred is constant."""
+    pred, y = np.asarray(pred, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    var = float(np.var(pred))
+    scale = float(np.cov(pred, y, bias=True)[0, 1] / var) if var > 1e-12 else 0.0
+    return scale, float(y.mean() - scale * pred.mean())
 
 
 BLEND_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
@@ -93,18 +105,36 @@ def head_outputs(model, pool: Pool, idx, cfg: Config, device) -> np.ndarray:
 
 def blend_curve(model, pool: Pool, spec: RunSpec, cfg: Config, device) -> list[dict]:
     """Test rho and teacher-holdout agreement of every score_blend in BLEND_GRID, for a model with
-    a teacher output: one CV run shows the whole trade-off the blend is chosen from."""
+    a teacher output: one CV run shows the whole trade-off the blend is chosen from. With a
+    domain gate, each row also gives the gated score's rho and agreement ("gated_" keys), its
+    calibration refitted for that blend on the fold's labelled training photos."""
+    from dataclasses import replace
+
+    import torch
+
+    from ..network import blend_outputs
     from .metrics import spearman
 
     test = head_outputs(model, pool, spec.test_idx, cfg, device)
     truth = pool.labelled.scores[spec.test_idx]
     hold = head_outputs(model, pool, spec.holdout_idx, cfg, device) if len(spec.holdout_idx) > 1 else None
+    gated = model.cfg.domain_gate
+    if gated:
+        lab = spec.train_idx[spec.train_idx < pool.n_labelled]
+        train_out, train_y = head_outputs(model, pool, lab, cfg, device), pool.labelled.scores[lab]
     rows = []
     for b in BLEND_GRID:
         row = {"blend": b, "spearman": spearman(b * test[:, 0] + (1 - b) * test[:, 1], truth)}
         if hold is not None:
             row["teacher_holdout_spearman"] = spearman(b * hold[:, 0] + (1 - b) * hold[:, 1],
                                                        teacher_truth(pool, spec.holdout_idx))
+        if gated:
+            scale, shift = affine_fit(b * train_out[:, 0] + (1 - b) * train_out[:, 1], train_y)
+            mcfg = replace(model.cfg, score_blend=b, score_scale=max(scale, 1e-6), score_shift=shift)
+            score = lambda out: blend_outputs(torch.from_numpy(out), mcfg).numpy()  # noqa: E731
+            row["gated_spearman"] = spearman(score(test), truth)
+            if hold is not None:
+                row["gated_teacher_holdout_spearman"] = spearman(score(hold), teacher_truth(pool, spec.holdout_idx))
         rows.append(row)
     return rows
 

@@ -13,7 +13,9 @@ from .pool import Pool, RunSpec
 def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=print) -> dict:
     """Fit the readout head's outputs in closed form (model/training/readout.py) on the cached
     features of the training rows, every augmentation a row: output 0 on the labelled images (or
-    on every row, teacher rows weighted, without a teacher output), output 1 on the teacher rows.
+    on every row, teacher rows weighted, without a teacher output), output 1 on the teacher rows,
+    output 2 (model.domain_gate) on both: 1 for labelled, 0 for teacher photos, each class
+    weighted to half the total (a ridge classifier of "looks like the labelled set").
     With readout.labelled_prior = "teacher", output 0 is fitted as a correction of output 1."""
     import torch
 
@@ -27,9 +29,12 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
     # (output, name, images); the teacher output first: the labelled one may use it as its prior.
     if model.cfg.teacher_output:
         jobs = [(1, "teacher", train[is_teacher]), (0, "labelled", train[~is_teacher])]
+        if model.cfg.domain_gate:
+            jobs.append((2, "domain", train))
     else:
         jobs = [(0, "labelled", train)]
-    shares = {"labelled": cfg.readout.branch_share_labelled, "teacher": cfg.readout.branch_share_teacher}
+    shares = {"labelled": cfg.readout.branch_share_labelled, "teacher": cfg.readout.branch_share_teacher,
+              "domain": 0.0}
     head = model.head
     fitted, coef = {}, {}
     for out, name, idx in jobs:
@@ -40,6 +45,12 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
         plain = job_augs.index("none") if "none" in job_augs else 0
         x = np.concatenate([pool.features.rows(idx, augs.index(a)) for a in job_augs])
         y = np.tile(spec.targets[idx], len(job_augs))
+        row_weight = spec.weights[idx]
+        if name == "domain":
+            lab = idx < pool.n_labelled
+            y = np.tile(lab.astype(np.float64), len(job_augs))
+            # each class carries half the weight, whatever the sizes of the two sets
+            row_weight = np.where(lab, 0.5 / max(lab.sum(), 1), 0.5 / max((~lab).sum(), 1)) * len(idx)
         prior = None
         if name == "labelled" and cfg.readout.labelled_prior == "teacher":
             w_t, b_t = coef[1]
@@ -51,7 +62,7 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
         del x
         fit = fit_ridge(kernel, y, np.tile(idx, len(job_augs)), alphas=cfg.readout.alphas,
                         folds=cfg.readout.inner_folds, seed=cfg.train.seed,
-                        sample_weight=np.tile(spec.weights[idx], len(job_augs)),
+                        sample_weight=np.tile(row_weight, len(job_augs)),
                         eval_rows=np.repeat(np.arange(len(job_augs)) == plain, len(idx)), offset=prior)
         del kernel
         weight, bias = fit.weight, fit.bias

@@ -132,14 +132,31 @@ def write_checkpoint(cfg: Config, run_dir: Path, pool: Pool, spec: RunSpec, mode
         "splits_file": pool.plan.get("source", ""),
         "config": cfg.to_dict(),
     }
+    reference = reference_quantiles(model, pool, cfg, device=next(model.parameters()).device)
     meta = CheckpointMeta(
         name=cfg.output.name, architecture=model.cfg, preprocessing=preprocessing, trunk=source,
         trunk_embedded=False, version=cfg.output.version,
         description=cfg.output.description or f"ResMem-Net {model.cfg.backbone}/{model.cfg.head} trained on "
                                               f"{pool.labelled.name}" + (" + teacher scores" if pool.teacher else ""),
         training=training, metrics=to_plain(metrics), provenance=provenance(run_info), license=source.license,
+        reference=reference,
     )
     return save_checkpoint(model.cpu(), meta, run_dir / f"{cfg.output.name}.json")
+
+
+def reference_quantiles(model, pool: Pool, cfg: Config, *, device) -> dict:
+    """The final model's score quantiles (0th..100th percentile) over every teacher photo, the fixed
+    diverse reference set behind each answer's `percentile` (CheckpointMeta.percentile); {} when
+    the run has no teacher photos or no feature cache (scores come from the cache, as in CV)."""
+    import numpy as np
+
+    if pool.teacher is None or pool.features is None or "none" not in pool.features.augmentations:
+        return {}
+    idx = np.arange(pool.n_labelled, len(pool.paths))
+    scores = predict(model, pool, idx, cfg, None, device, trunk_changed=False)
+    sources = [cfg.data.teacher.csv, *(e.split("=", 1)[0] for e in cfg.data.teacher.extra)]
+    return {"set": f"the {len(idx):,} teacher photos ({', '.join(Path(s).name for s in sources)})",
+            "n": int(len(idx)), "quantiles": [round(float(q), 6) for q in np.quantile(scores, np.linspace(0, 1, 101))]}
 
 
 def read_cv_results(path) -> dict:
