@@ -302,6 +302,9 @@ def summary(info: dict) -> str:
     if arch.get("teacher_output"):
         blend = arch.get("score_blend", 1.0)
         head += f"; score = {blend:g} x labelled output + {1 - blend:g} x teacher output"
+        if arch.get("domain_gate"):
+            head += (", gated per photo by a domain output (photos unlike the labelled set get the teacher "
+                     "output)")
     rows = [("model", f"{arch['backbone']} trunk, {head}")]
     p = info["parameters"]
     rows.append(("parameters", f"{p['total']:,} (trunk {p['trunk']:,}, head {p['head']:,})"))
