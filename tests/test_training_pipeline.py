@@ -354,6 +354,9 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
     row = next(r for r in report["blend_curve"] if r["blend"] == 0.7)
     assert row["gated_spearman_mean"] == pytest.approx(report["mean"]["spearman"], abs=1e-3)
     assert all("gated_teacher_holdout_spearman_mean" in r for r in report["blend_curve"])
+    with open(next(cv.glob("*/head_outputs.csv"))) as fh:  # any blend or gate setting can be re-scored
+        rows = list(csv.DictReader(fh))
+    assert {r["set"] for r in rows} == {"test", "train", "teacher_holdout"} and "output_2" in rows[0]
     assert "gated" in capsys.readouterr().err
 
     run = tmp_path / "final"
@@ -366,6 +369,8 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
     ref = meta.reference
     assert ref["n"] == 24 and len(ref["quantiles"]) == 101 and ref["quantiles"] == sorted(ref["quantiles"])
     assert meta.percentile(ref["quantiles"][50]) == pytest.approx(50, abs=1.5)
+    assert set(ref["profiles"]) == {"general", "outdoor"} and all(len(q) == 101 for q in ref["profiles"].values())
+    assert (run / "head_outputs.csv").is_file()
     from model.scoring import Scorer
     from model.training.pool import load_data  # noqa: F401  (the same loaders the run used)
 

@@ -56,6 +56,7 @@ def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget
         if (model.cfg.teacher_output and pool.features is not None and not summary["trunk_changed"]
                 and "none" in pool.features.augmentations):
             result["blend_curve"] = blend_curve(model, pool, spec, cfg, device)
+            write_head_outputs(fold_dir / "head_outputs.csv", model, pool, spec, cfg, device)
         write_predictions(fold_dir / "predictions.csv", pool, spec.test_idx, pred)
         done_file.write_text(json.dumps(to_plain(result), indent=1) + "\n")
         results.append(result)
@@ -81,6 +82,26 @@ def write_predictions(path: Path, pool: Pool, idx, pred) -> None:
             w.writerow([keys[i], f"{pool.labelled.scores[i]:.6f}", f"{p:.6f}"])
 
 
+def write_head_outputs(path: Path, model, pool: Pool, spec: RunSpec, cfg: Config, device) -> None:
+    """Every head output of the fold's test, labelled-training and teacher-holdout photos (from the
+    cache): any score_blend, calibration or gate setting can be scored from them without a refit
+    (`bench/gate_sweep.py`)."""
+    from .predict import head_outputs
+
+    lab_train = spec.train_idx[spec.train_idx < pool.n_labelled]
+    keys = pool.labelled.keys + (pool.teacher.keys if pool.teacher is not None else [])
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "set", "truth", *(f"output_{k}" for k in range(model.cfg.n_outputs))])
+        for name, idx in (("test", spec.test_idx), ("train", lab_train), ("teacher_holdout", spec.holdout_idx)):
+            if len(idx) == 0:
+                continue
+            out = head_outputs(model, pool, idx, cfg, device)
+            truth = pool.labelled.scores[idx] if name != "teacher_holdout" else teacher_truth(pool, idx)
+            for i, t, row in zip(idx, truth, out):
+                w.writerow([keys[int(i)], name, f"{t:.6f}", *(f"{v:.6f}" for v in row)])
+
+
 def run_final(cfg: Config, run_dir: Path, pool: Pool, model, source, preprocessing, loader, device, budget,
               run_info: dict, log=print, *, dist: Dist = SINGLE) -> bool:
     """Train the final model on the plan's final split; rank 0 writes metrics.json and the checkpoint."""
@@ -103,6 +124,9 @@ def run_final(cfg: Config, run_dir: Path, pool: Pool, model, source, preprocessi
         final_metrics["teacher_holdout"] = {"n": len(spec.holdout_idx), "spearman": hold["spearman"],
                                             "note": "agreement with the teacher on photos never trained on"}
     (run_dir / "metrics.json").write_text(json.dumps(to_plain(final_metrics), indent=2) + "\n")
+    if model.cfg.teacher_output and pool.features is not None and not summary["trunk_changed"] \
+            and "none" in pool.features.augmentations:
+        write_head_outputs(run_dir / "head_outputs.csv", model, pool, spec, cfg, device)
     path = write_checkpoint(cfg, run_dir, pool, spec, model, source, preprocessing, summary, final_metrics, run_info)
     log(f"checkpoint written: {path}")
     return True
@@ -146,17 +170,32 @@ def write_checkpoint(cfg: Config, run_dir: Path, pool: Pool, spec: RunSpec, mode
 
 def reference_quantiles(model, pool: Pool, cfg: Config, *, device) -> dict:
     """The final model's score quantiles (0th..100th percentile) over every teacher photo, the fixed
-    diverse reference set behind each answer's `percentile` (CheckpointMeta.percentile); {} when
-    the run has no teacher photos or no feature cache (scores come from the cache, as in CV)."""
+    diverse reference set behind each answer's `percentile` (CheckpointMeta.percentile): "quantiles"
+    for the default score, "profiles" for the model's other profiles (network.available_profiles).
+    {} when the run has no teacher photos or no feature cache (scores come from the cache, as in CV)."""
     import numpy as np
+    import torch
+
+    from ..network import available_profiles, profile_score
+    from .predict import head_outputs
 
     if pool.teacher is None or pool.features is None or "none" not in pool.features.augmentations:
         return {}
     idx = np.arange(pool.n_labelled, len(pool.paths))
-    scores = predict(model, pool, idx, cfg, None, device, trunk_changed=False)
+    outputs = torch.from_numpy(head_outputs(model, pool, idx, cfg, device))
+    levels = np.linspace(0, 1, 101)
+
+    def quantiles(profile: str) -> list[float]:
+        scores = profile_score(outputs, model.cfg, profile).numpy().astype(np.float64)
+        return [round(float(q), 6) for q in np.quantile(scores, levels)]
+
     sources = [cfg.data.teacher.csv, *(e.split("=", 1)[0] for e in cfg.data.teacher.extra)]
-    return {"set": f"the {len(idx):,} teacher photos ({', '.join(Path(s).name for s in sources)})",
-            "n": int(len(idx)), "quantiles": [round(float(q), 6) for q in np.quantile(scores, np.linspace(0, 1, 101))]}
+    ref = {"set": f"the {len(idx):,} teacher photos ({', '.join(Path(s).name for s in sources)})",
+           "n": int(len(idx)), "quantiles": quantiles("default")}
+    others = [p for p in available_profiles(model.cfg) if p != "default"]
+    if others:
+        ref["profiles"] = {p: quantiles(p) for p in others}
+    return ref
 
 
 def read_cv_results(path) -> dict:
