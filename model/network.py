@@ -259,6 +259,35 @@ def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
     return soft_clamp(score)  # a linear readout or a calibration can leave [0, 1]
 
 
+# Score profiles a request can choose (the same head outputs, combined differently):
+#   default: the checkpoint's own score (blend_outputs);
+#   general: the teacher output alone, bounded by soft_clamp: for photos unlike the labelled set;
+#   outdoor: the calibrated blend without the domain gate: for photos like the labelled set.
+PROFILES = ("default", "general", "outdoor")
+
+
+def available_profiles(cfg: ResMemNetConfig) -> tuple[str, ...]:
+    """The profiles a model with this config can score: all three with a teacher output, else default."""
+    return PROFILES if cfg.teacher_output else PROFILES[:1]
+
+
+def profile_score(outputs: torch.Tensor, cfg: ResMemNetConfig, profile: str = "default") -> torch.Tensor:
+    """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); ValueError for a profile
+    this model has not got (available_profiles)."""
+    if profile not in available_profiles(cfg):
+        raise ValueError(f"unknown profile {profile!r}; this model has {', '.join(available_profiles(cfg))}")
+    if profile == "general":
+        return soft_clamp(outputs[:, 1])
+    if profile == "outdoor":
+        return blend_outputs(outputs, replace(cfg, domain_gate=False))
+    return blend_outputs(outputs, cfg)
+
+
+def profile_scores(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
+    """(B, n_outputs) -> (B, len(available_profiles(cfg))) scores, in that order."""
+    return torch.stack([profile_score(outputs, cfg, p) for p in available_profiles(cfg)], dim=1)
+
+
 class HeadEnsemble(nn.Module):
     """cfg.ensemble TapHeads on the same pooled taps; outputs are the members' mean."""
 
