@@ -347,7 +347,7 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
     cfg_path.write_text("phases = []\n" + cfg_path.read_text().replace(
         'backbone = "resnet50"', 'backbone = "resnet50"\nhead = "readout"\nteacher_output = true\nscore_blend = 0.7'
         '\ndomain_gate = true\ngate_center = 0.5\ngate_width = 0.1')
-        + '\n[readout]\nalphas = [0.1, 10.0]\ninner_folds = 3\n')
+        + '\n[readout]\nalphas = [0.1, 10.0]\nteacher_alphas = [3.0]\ninner_folds = 3\n')
     cv = tmp_path / "cv"
     assert train_main(["--config", str(cfg_path), "--cv", "--out", str(cv)]) == 0
     report = json.loads((cv / "cv.json").read_text())
@@ -366,6 +366,7 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
     model, meta = load_checkpoint(run / "tiny.json")
     assert meta.architecture.domain_gate and model.head.out.out_features == 3
     assert meta.training["readout"]["domain"]["alpha"] in (0.1, 10.0)
+    assert meta.training["readout"]["teacher"]["alpha"] == 3.0  # readout.teacher_alphas: its own penalty
     ref = meta.reference
     assert ref["n"] == 24 and len(ref["quantiles"]) == 101 and ref["quantiles"] == sorted(ref["quantiles"])
     assert meta.percentile(ref["quantiles"][50]) == pytest.approx(50, abs=1.5)

@@ -151,6 +151,9 @@ class TrainConfig:
 class ReadoutConfig:
     """model.head = "readout": closed-form ridge fit (model/training/readout.py)."""
     alphas: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0])  # chosen by inner CV
+    # The teacher output's penalties, when they should differ ([] = alphas): the inner CV measures
+    # agreement with the teacher, which is not what photos of other studies reward (model card).
+    teacher_alphas: list[float] = field(default_factory=list)
     inner_folds: int = 5
     # stage: each stage of the trunk weighs the same | tap | channel (plain concatenation) |
     # stage_ends: only each stage's last block | last: only the last block (ablations)
@@ -453,6 +456,8 @@ def validate(cfg: Config) -> None:
     r = cfg.readout
     if not r.alphas or any(not (a > 0 and math.isfinite(a)) for a in r.alphas):
         raise ConfigError("readout.alphas must be a non-empty list of positive numbers")
+    if any(not (a > 0 and math.isfinite(a)) for a in r.teacher_alphas):
+        raise ConfigError("readout.teacher_alphas must be positive numbers (or [] for readout.alphas)")
     if r.inner_folds < 2:
         raise ConfigError("readout.inner_folds must be >= 2")
     _choice(r.tap_weighting, TAP_WEIGHTINGS, "readout.tap_weighting")

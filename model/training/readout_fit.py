@@ -60,7 +60,8 @@ def fit_readout_head(model, pool: Pool, spec: RunSpec, cfg: Config, device, log=
         weights = output_tap_weights(model.cfg, cfg.readout.tap_weighting, shares[name])
         kernel = TapKernel(x, model.cfg.tap_channels, weights)
         del x
-        fit = fit_ridge(kernel, y, np.tile(idx, len(job_augs)), alphas=cfg.readout.alphas,
+        alphas = cfg.readout.teacher_alphas if name == "teacher" and cfg.readout.teacher_alphas else cfg.readout.alphas
+        fit = fit_ridge(kernel, y, np.tile(idx, len(job_augs)), alphas=alphas,
                         folds=cfg.readout.inner_folds, seed=cfg.train.seed,
                         sample_weight=np.tile(row_weight, len(job_augs)),
                         eval_rows=np.repeat(np.arange(len(job_augs)) == plain, len(idx)), offset=prior)
