@@ -11,6 +11,11 @@ images/s under load), except that an image waiting longer than `max_starvation_s
 go first, oldest first, so a rare shape is never starved into its deadline. While a batch runs,
 new images pile up and the next batch forms from them without extra waiting.
 
+Score profiles: every image names the profile it wants (model.network.PROFILES). Profiles do
+not split batches: a batch of default images runs `run_batch`; a batch with any other profile
+in it runs `run_profiles` once for the profiles it holds (the trunk once, only the head's
+combination differs) and each image takes its own profile's column.
+
 Admission is bounded: `admit(n)` reserves n places (decoding + waiting) or raises
 `QueueFullError` at once, so overload answers 503 instead of a growing queue. Two bounds: a
 count (`max_queue` images) and, once a forward pass has been timed, the work already queued
@@ -50,11 +55,16 @@ class BatchResult:
     batch_size: int
 
 
+# The profile `run_batch` scores; any other needs `run_profiles`.
+DEFAULT_PROFILE = "default"
+
+
 @dataclass
 class _Item:
     tensor: torch.Tensor
     future: asyncio.Future
     enqueued: float
+    profile: str = DEFAULT_PROFILE
 
 
 class Admission:
@@ -64,10 +74,11 @@ class Admission:
         self._batcher = batcher
         self._held = count
 
-    def submit(self, tensors: Sequence[torch.Tensor]) -> list[asyncio.Future]:
+    def submit(self, tensors: Sequence[torch.Tensor], profile: str = DEFAULT_PROFILE) -> list[asyncio.Future]:
+        """Queue the images, all to be scored with `profile`; one future per image."""
         if len(tensors) > self._held:
             raise ValueError(f"{len(tensors)} images submitted on an admission for {self._held}")
-        futures = self._batcher._enqueue(tensors)
+        futures = self._batcher._enqueue(tensors, profile)
         self._held -= len(tensors)
         self.release()
         return futures
@@ -88,13 +99,17 @@ class Admission:
 class DynamicBatcher:
     """Gathers (3, H, W) tensors from concurrent requests into batched calls of `run_batch`.
 
-    `run_batch(stacked: Tensor[B, 3, H, W]) -> sequence of B floats` runs in the worker thread.
+    `run_batch(stacked: Tensor[B, 3, H, W]) -> sequence of B floats` (the default profile's
+    scores) and `run_profiles(stacked, names) -> (B, len(names))` (those profiles' scores, for a
+    batch holding any other profile; None: only the default is taken) run in the worker thread.
     """
 
     def __init__(self, run_batch: Callable[[torch.Tensor], Sequence[float]], *, max_batch_size: int = 32,
                  max_wait_s: float = 0.005, max_queue: int = 128, max_starvation_s: float = 5.0, metrics=None,
-                 max_queued_work_s: float | None = None, thread_name: str = "resmemnet-model"):
+                 max_queued_work_s: float | None = None, thread_name: str = "resmemnet-model",
+                 run_profiles: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None):
         self.run_batch = run_batch
+        self.run_profiles = run_profiles
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.max_queue = max(1, int(max_queue))
@@ -168,20 +183,22 @@ class DynamicBatcher:
         self._update_depth()
         return Admission(self, count)
 
-    async def score(self, tensor: torch.Tensor) -> BatchResult:
+    async def score(self, tensor: torch.Tensor, profile: str = DEFAULT_PROFILE) -> BatchResult:
         """Convenience: admit, submit and await one image."""
         with self.admit(1) as admission:
-            future = admission.submit([tensor])[0]
+            future = admission.submit([tensor], profile)[0]
         return await future
 
-    def _enqueue(self, tensors: Sequence[torch.Tensor]) -> list[asyncio.Future]:
+    def _enqueue(self, tensors: Sequence[torch.Tensor], profile: str = DEFAULT_PROFILE) -> list[asyncio.Future]:
         if self._task is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
+        if profile != DEFAULT_PROFILE and self.run_profiles is None:
+            raise ValueError(f"profile {profile!r}: this batcher scores only the {DEFAULT_PROFILE!r} profile")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
         for tensor in tensors:
-            item = _Item(tensor, loop.create_future(), now)
+            item = _Item(tensor, loop.create_future(), now, profile)
             self._groups.setdefault(tuple(tensor.shape), deque()).append(item)
             futures.append(item.future)
         self._waiting += len(tensors)
@@ -278,7 +295,8 @@ class DynamicBatcher:
             for item in batch:
                 m.queue_wait.observe(started - item.enqueued)
         try:
-            scores = await loop.run_in_executor(self.executor, self._forward, [item.tensor for item in batch])
+            scores = await loop.run_in_executor(self.executor, self._forward, [item.tensor for item in batch],
+                                                [item.profile for item in batch])
         except asyncio.CancelledError:
             for item in batch:
                 if not item.future.done():
@@ -310,8 +328,16 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result(BatchResult(float(score), started - item.enqueued, model_s, len(batch)))
 
-    def _forward(self, tensors: list[torch.Tensor]) -> list[float]:
-        scores = self.run_batch(torch.stack(tensors))
+    def _forward(self, tensors: list[torch.Tensor], profiles: list[str]) -> list[float]:
+        """Each image's score in its own profile, from one pass over the stacked batch."""
+        stacked = torch.stack(tensors)
+        wanted = list(dict.fromkeys(profiles))
+        if wanted == [DEFAULT_PROFILE]:
+            scores = self.run_batch(stacked)
+        else:
+            table = self.run_profiles(stacked, wanted)  # (B, len(wanted))
+            column = {name: i for i, name in enumerate(wanted)}
+            scores = [row[column[name]] for row, name in zip(table.tolist(), profiles)]
         scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
         if len(scores) != len(tensors):
             raise RuntimeError(f"the model returned {len(scores)} scores for {len(tensors)} images")

@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli_score import EXIT_OK, EXIT_SOME_FAILED, add_weights_arg, fail, load_scorer, weights_path
+from app.cli_score import (EXIT_OK, EXIT_SOME_FAILED, add_profile_arg, add_weights_arg, checked_profile, fail,
+                           load_scorer, profile_note, weights_path)
 
 
 def register(sub) -> None:
@@ -24,6 +25,7 @@ def register(sub) -> None:
                    help="trunk stage: layer4 (default), layer3, layer2, layer1, a comma list, or all (average)")
     p.add_argument("--alpha", default=0.5, type=unit_float, help="heatmap weight in the blend, 0..1 (default 0.5)")
     p.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
+    add_profile_arg(p)  # the map explains that profile's score
     p.add_argument("--raw", action="store_true",
                    help="also write NAME.heatmap.png (8-bit grayscale map) and NAME.heatmap.npy (float32 map)")
     p.set_defaults(func=run_heatmap)
@@ -81,6 +83,7 @@ def run_heatmap(args) -> int:
     except OSError as exc:
         return fail(f"cannot create the output folder {out_dir}: {exc}")
     scorer = load_scorer(weights_path(args), args.device)
+    profile = checked_profile(scorer, args.profile)
     failed = 0
     for path in missing:
         print(f"{path}: error: no such file or folder (not_found)", file=sys.stderr)
@@ -90,7 +93,7 @@ def run_heatmap(args) -> int:
         try:
             img = decode_image(path)
             result = heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=args.layer,
-                                       autocast_dtype=scorer.autocast_dtype)
+                                       autocast_dtype=scorer.autocast_dtype, profile=profile)
         except ImageDecodeError as exc:
             print(f"{path}: error: {exc.message} ({exc.reason})", file=sys.stderr)
             failed += 1
@@ -102,6 +105,6 @@ def run_heatmap(args) -> int:
             np.save(out_dir / f"{stems[path]}.heatmap.npy", result.heatmap, allow_pickle=False)
         print(f"{path} -> {target} (score {result.score:.6f})", flush=True)
     total = len(files) + len(missing)
-    print(f"wrote {total - failed} of {total} heatmaps to {out_dir} with {scorer.model_name}"
+    print(f"wrote {total - failed} of {total} heatmaps to {out_dir} with {scorer.model_name}{profile_note(profile)}"
           + (f"; {failed} failed" if failed else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK

@@ -12,6 +12,8 @@ from pathlib import Path
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 FIELDS = ("path", "score", "percentile", "warnings", "width", "height", "error", "reason")
+# JSON records also name the score profile; the CSV columns stay FIELDS (a tested contract).
+JSON_FIELDS = (*FIELDS, "profile")
 
 
 def register(sub) -> None:
@@ -32,6 +34,7 @@ def register(sub) -> None:
                    help="full fp32 everywhere (default: the trunk in fp16 on CUDA and in bf16 on CPUs with "
                         "native bf16; scores then differ from fp32 by about 2e-3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    add_profile_arg(p)
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default=None,
                    help="inference engine (default: $RESMEMNET_BACKEND, else auto: onnxruntime on a CPU where it is "
                         "installed and torch would run fp32, else torch). onnxruntime runs the model's ONNX export "
@@ -50,6 +53,23 @@ def add_weights_arg(parser) -> None:
     # No default here: resolving it imports the model package (and torch), which `--help` must not pay for.
     parser.add_argument("--weights", default=None, metavar="FILE",
                         help="checkpoint .json (or its .safetensors); default: $RESMEMNET_WEIGHTS or the shipped one")
+
+
+def add_profile_arg(parser) -> None:
+    # Any name: which profiles there are depends on the checkpoint, so checked_profile checks it
+    # once the model is loaded (one error line, exit status 2), not argparse.
+    parser.add_argument("--profile", default="default", metavar="NAME",
+                        help="score profile: default (the checkpoint's own score), general (the teacher-distilled "
+                             "output, for photos unlike outdoor scenes) or outdoor (the calibrated blend without "
+                             "the domain gate); `resmemnet info` lists the checkpoint's. Default: default")
+
+
+def checked_profile(scorer, profile: str) -> str:
+    """`profile` if the loaded model has it, else a usage error (exit status 2) naming those it has."""
+    try:
+        return scorer.check_profile(profile)
+    except ValueError as exc:
+        raise SystemExit(fail(f"--profile: {exc}"))
 
 
 def weights_path(args) -> str:
@@ -131,8 +151,11 @@ def run_score(args) -> int:
     entries = ordered_inputs(args.paths)
     if not entries:
         return fail("no files found under the given paths")
-    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32,
-                         backend=args.backend or os.environ.get("RESMEMNET_BACKEND") or "auto")
+    backend = args.backend or os.environ.get("RESMEMNET_BACKEND") or "auto"
+    if backend == "auto" and args.profile != "default":
+        backend = "torch"  # the ONNX export outputs the default score only: torch would score the rest anyway
+    scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32, backend=backend)
+    profile = checked_profile(scorer, args.profile)
     if args.shard or args.resume:  # one slice of the inputs and/or appending to --out (app/sharding.py)
         from app.sharding import run_sharded_score
 
@@ -140,32 +163,40 @@ def run_score(args) -> int:
     files = [path for path, exists in entries if exists]
     progress = Progress(len(files), enabled=not args.no_progress)
     try:
-        scored = scorer.score_paths(files, batch_size=args.batch_size, workers=args.workers, progress=progress)
+        scored = scorer.score_paths(files, batch_size=args.batch_size, workers=args.workers, progress=progress,
+                                    profile=profile)
         # Missing inputs keep their place between the scored ones.
-        rows = [next(scored) if exists else ScoreResult(path=path, error="no such file or folder", reason="not_found")
+        rows = [next(scored) if exists else ScoreResult(path=path, error="no such file or folder", reason="not_found",
+                                                        profile=profile)
                 for path, exists in entries]
     finally:
         progress.close()
     write_rows(rows, out_path)
     failed = [r for r in rows if not r.ok]
-    print(f"scored {len(rows) - len(failed)} of {len(rows)} inputs with {scorer.model_name}"
+    print(f"scored {len(rows) - len(failed)} of {len(rows)} inputs with {scorer.model_name}{profile_note(profile)}"
           + (f"; {len(failed)} failed (see the error column)" if failed else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def record(row) -> dict:
+def profile_note(profile: str) -> str:
+    """For the summary line: nothing for the default profile, else which profile the scores are of."""
+    return "" if profile == "default" else f" (profile {profile})"
+
+
+def record(row, fields: tuple[str, ...] = FIELDS) -> dict:
     """One output record; `percentile` and `warnings` are None / [] where the scorer gives none."""
-    rec = {k: getattr(row, k, None) for k in FIELDS}
+    rec = {k: getattr(row, k, None) for k in fields}
     rec["warnings"] = list(rec["warnings"] or [])
     return rec
 
 
 def write_rows(rows, out_path: Path | None) -> None:
-    """CSV (plain \\n line ends; warnings joined by ';') or JSON (a list of records), in row order."""
-    records = [record(r) for r in rows]
+    """CSV (plain \\n line ends; warnings joined by ';') or JSON (a list of records, with `profile`),
+    in row order."""
     if out_path is not None and out_path.suffix.lower() == ".json":
-        out_path.write_text(json.dumps(records, indent=2) + "\n")
+        out_path.write_text(json.dumps([record(r, JSON_FIELDS) for r in rows], indent=2) + "\n")
         return
+    records = [record(r) for r in rows]
     fh = open(out_path, "w", newline="") if out_path else sys.stdout
     try:
         writer = csv.DictWriter(fh, fieldnames=FIELDS, lineterminator="\n")
@@ -292,6 +323,13 @@ def _num(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "?"
 
 
+def profiles_of(arch: dict) -> tuple[str, ...]:
+    """The score profiles a checkpoint of this architecture (its metadata's dict) can give."""
+    from model.network import ResMemNetConfig, available_profiles
+
+    return available_profiles(ResMemNetConfig.from_dict(arch))
+
+
 def summary(info: dict) -> str:
     """About 15 readable lines from `checkpoint_info`'s dict."""
     arch, prep, trunk = info["architecture"], info["preprocessing"], info["trunk"]
@@ -306,6 +344,7 @@ def summary(info: dict) -> str:
             head += (", gated per photo by a domain output (photos unlike the labelled set get the teacher "
                      "output)")
     rows = [("model", f"{arch['backbone']} trunk, {head}")]
+    rows.append(("profiles", f"{', '.join(profiles_of(arch))} (--profile NAME; ?profile=NAME over HTTP)"))
     p = info["parameters"]
     rows.append(("parameters", f"{p['total']:,} (trunk {p['trunk']:,}, head {p['head']:,})"))
     resize = prep.get("resize", {})

@@ -25,6 +25,8 @@ REASONS: dict[str, tuple[int, str]] = {
                              "or a query parameter out of range"),
     "unexpected_field": (422, "a multipart field or query parameter the endpoint does not take (it is refused, "
                               "not silently ignored)"),
+    "unknown_profile": (422, "query parameter `profile` names a score profile this checkpoint does not have; the "
+                             "message lists the ones it has"),
     "multiple_files": (422, "several files in a one-image endpoint (/score, /heatmap); send them to /score/batch "
                             "in repeated field `files`"),
     "empty": (422, "the uploaded file has 0 bytes"),

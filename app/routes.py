@@ -20,6 +20,15 @@ from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, Mod
 router = APIRouter()
 
 IMAGE_FIELD_DOC = "the image: JPEG, PNG, WebP, GIF, BMP, TIFF or any other format Pillow reads"
+PROFILE_QUERY_DOC = ("score profile: `default` (the checkpoint's own score), `general` (the teacher-distilled output, "
+                     "for photos unlike outdoor scenes) or `outdoor` (the LNSIM-calibrated blend without the domain "
+                     "gate); a checkpoint without a teacher output has only `default`")
+
+
+def profile_query():
+    """The `profile` query parameter of every scoring endpoint. No length limit: any name the model
+    has not got is 422 unknown_profile (_profile), never a validation error."""
+    return Query("default", description=PROFILE_QUERY_DOC)
 
 
 @dataclass
@@ -133,10 +142,18 @@ async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepa
     return result
 
 
-def _percentile(state, score: float) -> float | None:
-    """The score's rank among the checkpoint's reference photos (None without a reference set)."""
+def _profile(state, profile: str) -> str:
+    """The score profile asked for, or 422 unknown_profile naming those the served model has."""
+    try:
+        return state.scorer.check_profile(profile)
+    except ValueError as exc:
+        raise ServiceError("unknown_profile", f"query parameter profile: {exc}") from None
+
+
+def _percentile(state, score: float, profile: str) -> float | None:
+    """The score's rank among the checkpoint's reference photos by the profile's quantiles (None without)."""
     rank = getattr(state.scorer, "percentile", None)
-    return rank(score) if rank is not None else None
+    return rank(score, profile) if rank is not None else None
 
 
 async def _await_deadline(awaitable, deadline: float):
@@ -167,24 +184,26 @@ def _timing(prepared: Prepared, result, total_s: float) -> Timing:
 @router.post("/score", response_model=ScoreResponse, tags=["scoring"], summary="Score one image",
              responses=error_responses(400, 413, 415, 422, 503, 504))
 async def score(request: Request, file: UploadFile = File(..., description=IMAGE_FIELD_DOC),
-                _form: None = form_fields("file", many=False)) -> ScoreResponse:
+                profile: str = profile_query(),
+                _form: None = form_fields("file", many=False, query=("profile",))) -> ScoreResponse:
     """Memorability of one image, sent as multipart/form-data field `file`.
 
-    Concurrent calls are batched together; the score does not depend on the batch.
-    `curl -F file=@photo.jpg http://localhost:8000/score`
+    Concurrent calls are batched together (whatever their profiles); the score does not depend on the batch.
+    `curl -F file=@photo.jpg 'http://localhost:8000/score?profile=default'`
     """
     state = _state(request)
     started = time.perf_counter()
     state.require_ready()
+    profile = _profile(state, profile)
     deadline = started + state.settings.request_timeout_s
     with _admit(state, 1) as admission:
         prepared = await _decode(state, file)
-        future = admission.submit([prepared.tensor])[0]
+        future = admission.submit([prepared.tensor], profile)[0]
     result = await _await_deadline(future, deadline)
     total = time.perf_counter() - started
-    return ScoreResponse(score=result.score, percentile=_percentile(state, result.score), warnings=prepared.warnings,
-                         filename=file.filename, width=prepared.width, height=prepared.height,
-                         model=ModelInfo(**state.model_info), elapsed_ms=_ms(total),
+    return ScoreResponse(score=result.score, profile=profile, percentile=_percentile(state, result.score, profile),
+                         warnings=prepared.warnings, filename=file.filename, width=prepared.width,
+                         height=prepared.height, model=ModelInfo(**state.model_info), elapsed_ms=_ms(total),
                          timing=_timing(prepared, result, total))
 
 
@@ -192,7 +211,8 @@ async def score(request: Request, file: UploadFile = File(..., description=IMAGE
              responses=error_responses(400, 413, 422, 503, 504))
 async def score_batch(request: Request,
                       files: list[UploadFile] = File(..., description="repeat the field once per image"),
-                      _form: None = form_fields("files", many=True)) -> BatchResponse:
+                      profile: str = profile_query(),
+                      _form: None = form_fields("files", many=True, query=("profile",))) -> BatchResponse:
     """Memorability of several images, sent as repeated multipart field `files`.
 
     Returns one entry per file, in order. A file that cannot be scored gets an error entry
@@ -202,6 +222,7 @@ async def score_batch(request: Request,
     state = _state(request)
     started = time.perf_counter()
     state.require_ready()
+    profile = _profile(state, profile)
     limit = state.settings.max_files_per_request
     if len(files) > limit:
         raise ServiceError("too_many_files", f"{len(files)} files in one request; the limit is {limit}")
@@ -212,7 +233,7 @@ async def score_batch(request: Request,
             if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
                 raise outcome
         good = [i for i, outcome in enumerate(decoded) if isinstance(outcome, Prepared)]
-        futures = admission.submit([decoded[i].tensor for i in good])
+        futures = admission.submit([decoded[i].tensor for i in good], profile)
     results = dict(zip(good, await _await_deadline(asyncio.gather(*futures), deadline)))
     total = time.perf_counter() - started
     items = []
@@ -223,15 +244,18 @@ async def score_batch(request: Request,
         else:
             result = results[i]
             items.append(BatchItem(index=i, filename=upload.filename, ok=True, score=result.score,
-                                   percentile=_percentile(state, result.score), warnings=outcome.warnings,
+                                   percentile=_percentile(state, result.score, profile), warnings=outcome.warnings,
                                    width=outcome.width, height=outcome.height, timing=_timing(outcome, result, total)))
-    return BatchResponse(model=ModelInfo(**state.model_info), elapsed_ms=_ms(total), scored=len(good),
-                         failed=len(files) - len(good), results=items)
+    return BatchResponse(model=ModelInfo(**state.model_info), profile=profile, elapsed_ms=_ms(total),
+                         scored=len(good), failed=len(files) - len(good), results=items)
 
 
 # -- heatmaps --------------------------------------------------------------------------------
 HEATMAP_HEADERS = {
-    "X-Memorability-Score": {"description": "the image's score, as /score gives it", "schema": {"type": "number"}},
+    "X-Memorability-Score": {"description": "the image's score, as /score gives it for the same profile",
+                             "schema": {"type": "number"}},
+    "X-Profile": {"description": "the score profile of the score, the percentile and the map",
+                  "schema": {"type": "string"}},
     "X-Model": {"description": "checkpoint name@version", "schema": {"type": "string"}},
     "X-Image-Width": {"description": "decoded image width (the PNG has the same size)", "schema": {"type": "integer"}},
     "X-Image-Height": {"description": "decoded image height", "schema": {"type": "integer"}},
@@ -258,9 +282,11 @@ async def heatmap(
     colormap: str | None = Query(None, description="colormap name (default: inferno for overlays, "
                                                    "grey for maps)", max_length=32),
     layer: str = Query("layer4", description="trunk stage(s): layer1..layer4, a comma list, or all", max_length=64),
-    _form: None = form_fields("file", many=False, query=("format", "alpha", "colormap", "layer")),
+    profile: str = profile_query(),
+    _form: None = form_fields("file", many=False, query=("format", "alpha", "colormap", "layer", "profile")),
 ) -> Response:
-    """Which regions of the image raise its memorability score (Grad-RAM), as a PNG.
+    """Which regions of the image raise its memorability score (Grad-RAM), as a PNG; with `profile`,
+    that profile's score (`X-Profile` says which).
 
     Heatmaps are computed a few at a time (`RESMEMNET_HEATMAP_CONCURRENCY`) so they cannot starve
     `/score`; when all slots are busy the answer is 503 with `Retry-After`.
@@ -269,6 +295,7 @@ async def heatmap(
     state = _state(request)
     started = time.perf_counter()
     state.require_ready()
+    profile = _profile(state, profile)
     try:
         from model import gradram, overlay
     except ImportError as exc:
@@ -292,7 +319,7 @@ async def heatmap(
         def work():
             t0 = time.perf_counter()
             result = gradram.heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=",".join(layers),
-                                                autocast_dtype=scorer.autocast_dtype)
+                                                autocast_dtype=scorer.autocast_dtype, profile=profile)
             if output == "overlay":
                 png = overlay.overlay_png(img, result.heatmap, alpha=alpha, colormap=colormap or "inferno")
             else:
@@ -308,9 +335,10 @@ async def heatmap(
             raise ServiceError("invalid_request", str(exc)) from None
     finally:
         slot.release_unless_handed_over()
-    percentile = _percentile(state, score_value)
+    percentile = _percentile(state, score_value, profile)
     headers = {
         "X-Memorability-Score": f"{score_value:.8f}",
+        "X-Profile": profile,
         "X-Percentile": "" if percentile is None else f"{percentile:g}",
         "X-Warnings": ",".join(decoded.warnings),
         "X-Model": f"{state.model_info['name']}@{state.model_info['version']}",

@@ -9,6 +9,8 @@ from .errors import REASONS, error_body
 
 PERCENTILE_DOC = ("the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when "
                   "the checkpoint has no reference set")
+PROFILE_DOC = ("the score profile of the score and percentile, as asked for with query parameter `profile`: "
+               "default, general (photos unlike outdoor scenes) or outdoor")
 WARNINGS_DOC = ("codes for inputs the model cannot judge (its score then says little): flat, noise, text, "
                 "low_resolution; multi_frame when only the first frame or page was scored; empty when none")
 
@@ -32,10 +34,11 @@ TIMING_EXAMPLE = {"total_ms": 18.4, "decode_ms": 4.1, "queue_ms": 5.3, "model_ms
 
 class ScoreResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "score": 0.7312, "percentile": 68.5, "warnings": [], "filename": "beach.jpg", "width": 640, "height": 480,
-        "model": MODEL_EXAMPLE, "elapsed_ms": 18.4, "timing": TIMING_EXAMPLE}]})
+        "score": 0.7312, "profile": "default", "percentile": 68.5, "warnings": [], "filename": "beach.jpg",
+        "width": 640, "height": 480, "model": MODEL_EXAMPLE, "elapsed_ms": 18.4, "timing": TIMING_EXAMPLE}]})
 
     score: float = Field(ge=0.0, le=1.0, description="predicted memorability, 0 (forgettable) to 1 (memorable)")
+    profile: str = Field(default="default", description=PROFILE_DOC)
     percentile: float | None = Field(default=None, ge=0.0, le=100.0, description=PERCENTILE_DOC)
     warnings: list[str] = Field(default_factory=list, description=WARNINGS_DOC)
     filename: str | None = Field(default=None, description="the upload's file name, as sent")
@@ -74,7 +77,7 @@ class BatchItem(BaseModel):
 
 class BatchResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "model": MODEL_EXAMPLE, "elapsed_ms": 31.0, "scored": 1, "failed": 1,
+        "model": MODEL_EXAMPLE, "profile": "default", "elapsed_ms": 31.0, "scored": 1, "failed": 1,
         "results": [
             {"index": 0, "filename": "beach.jpg", "ok": True, "score": 0.7312, "percentile": 68.5, "warnings": [],
              "width": 640, "height": 480,
@@ -85,6 +88,7 @@ class BatchResponse(BaseModel):
         ]}]})
 
     model: ModelInfo
+    profile: str = Field(default="default", description=PROFILE_DOC + "; the same for every file")
     elapsed_ms: float
     scored: int = Field(description="files scored")
     failed: int = Field(description="files with an error entry")

@@ -30,6 +30,9 @@ Scores how memorable an image is (0 = forgettable, 1 = memorable) with ResMem-Ne
 * `POST /score` - one image in multipart field `file`.
 * `POST /score/batch` - several images in repeated multipart field `files`; one result per file.
 * `POST /heatmap` - a PNG showing which regions raise the score (Grad-RAM), score in `X-Memorability-Score`.
+
+Each takes `?profile=` (default `default`): which score profile to give, where the checkpoint has
+several (`general` for photos unlike outdoor scenes, `outdoor` for photos like them).
 * `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus).
 
 Concurrent requests are batched into shared forward passes. Every error is JSON:
@@ -80,6 +83,8 @@ class ServiceState:
             self.scorer = scorer
             self.batcher = DynamicBatcher(
                 lambda batch: scorer.score_tensor_batch(batch),
+                # a batch mixing profiles: the trunk once, every profile it holds from the head's outputs
+                run_profiles=lambda batch, names: scorer.profile_score_batch(batch, names),
                 max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000.0,
                 max_queue=self.settings.queue_size, metrics=None,
                 # past a quarter of the deadline, fairness beats batch size

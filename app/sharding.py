@@ -88,7 +88,7 @@ def read_part(path: Path) -> list[dict]:
 def run_sharded_score(args, entries: list, scorer) -> int:
     """`resmemnet score` with --shard and/or --resume: score this job's inputs that --out does not
     hold yet, appending one CSV row per input as it is scored (flushed per row)."""
-    from app.cli_score import EXIT_OK, EXIT_SOME_FAILED, FIELDS, Progress, fail, record
+    from app.cli_score import EXIT_OK, EXIT_SOME_FAILED, FIELDS, Progress, fail, profile_note, record
     from model.scoring import ScoreResult
 
     out = Path(args.out) if args.out else None
@@ -115,10 +115,11 @@ def run_sharded_score(args, entries: list, scorer) -> int:
     try:
         with open(out, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=FIELDS, lineterminator="\n")
-            scored = scorer.score_paths(files, batch_size=args.batch_size, workers=args.workers, progress=progress)
+            scored = scorer.score_paths(files, batch_size=args.batch_size, workers=args.workers, progress=progress,
+                                        profile=args.profile)
             for path, exists in todo:
                 row = next(scored) if exists else ScoreResult(path=path, error="no such file or folder",
-                                                              reason="not_found")
+                                                              reason="not_found", profile=args.profile)
                 failed += not row.ok
                 writer.writerow(csv_record(record(row)))
                 fh.flush()
@@ -126,7 +127,7 @@ def run_sharded_score(args, entries: list, scorer) -> int:
         progress.close()
     where = f"shard {args.shard[0]}/{args.shard[1]}: " if args.shard else ""
     kept = "" if fresh else f", {len(mine) - len(todo)} kept from {out.name}"
-    print(f"{where}{len(todo)} of {len(mine)} inputs scored with {scorer.model_name}{kept}"
+    print(f"{where}{len(todo)} of {len(mine)} inputs scored with {scorer.model_name}{profile_note(args.profile)}{kept}"
           + (f"; {failed} failed (see the error column)" if failed else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 

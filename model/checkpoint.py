@@ -45,12 +45,22 @@ class CheckpointMeta:
     tensors_sha256: str = ""
     # Score quantiles of a fixed set of diverse reference photos: {"set": str, "n": int,
     # "quantiles": [101 scores, the 0th..100th percentile]}; turns a score into a percentile.
+    # "quantiles" are the default profile's; other score profiles (model.network.PROFILES) may
+    # have theirs in "profiles": {"general": [101 scores], "outdoor": [101 scores]}.
     reference: dict = field(default_factory=dict)
 
-    def percentile(self, score: float) -> float | None:
-        """Rank of `score` (0-100) among the reference photos, interpolated between stored
-        quantiles; None when the checkpoint has no reference set."""
-        quantiles = self.reference.get("quantiles") if self.reference else None
+    def reference_quantiles(self, profile: str = "default") -> list[float] | None:
+        """The stored reference quantiles of one score profile, or None where there are none."""
+        if not self.reference:
+            return None
+        if profile == "default":
+            return self.reference.get("quantiles")
+        return (self.reference.get("profiles") or {}).get(profile)
+
+    def percentile(self, score: float, profile: str = "default") -> float | None:
+        """Rank of `score` (0-100) among the reference photos, interpolated between the stored
+        quantiles of `profile`; None when the checkpoint has none for it (no reference set)."""
+        quantiles = self.reference_quantiles(profile)
         if not quantiles:
             return None
         import numpy as np

@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .network import global_pool, run_block_fp32
+from .network import global_pool, profile_score, run_block_fp32
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -39,6 +39,7 @@ class HeatmapResult:
     heatmap: np.ndarray  # float32 (height, width) in [0, 1]
     layers: tuple[str, ...] = STAGES[-1:]
     input_size: tuple[int, int] = (0, 0)  # (width, height) of the network input
+    profile: str = "default"  # the score profile the map explains and `score` is of
 
 
 def parse_layers(spec: str | Iterable[str]) -> tuple[str, ...]:
@@ -68,13 +69,15 @@ def _check_eval(model) -> None:
 
 
 def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",), *,
-               autocast_dtype: torch.dtype | None = None):
+               autocast_dtype: torch.dtype | None = None, profile: str = "default"):
     """Raw Grad-RAM maps before ReLU, at each chosen stage's resolution.
 
     images: (B, 3, H, W) in [0, 1]. Returns ({stage: (B, h, w) float32}, scores (B,) float32),
     on the model's device. autocast_dtype: run the trunk as the Scorer does in mixed precision
     (that dtype up to layer3, layer4 and the head in fp32), so the score equals the Scorer's.
     Only bf16 is honoured: fp16's range underflows small gradients, so CUDA maps stay fp32.
+    profile: the score profile (model.network.PROFILES) whose score is the target, and is
+    returned; ValueError for one the model has not got.
     """
     if autocast_dtype is not None and autocast_dtype != torch.bfloat16:
         autocast_dtype = None
@@ -129,7 +132,8 @@ def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",),
                     acts[index] = h
             if not taps_all:
                 pooled = [global_pool(h)]
-            scores = model.head(pooled)  # fp32, as in the Scorer
+            # fp32, as in the Scorer; "default" is exactly model.head(pooled)
+            scores = profile_score(model.head.outputs(pooled), model.cfg, profile)
             # Each image's score depends only on its own activations (eval mode), so the gradient
             # of the sum gives every image its own gradient. A deeper chosen stage is part of the
             # graph above a shallower one, so each stage's gradient includes every path through it.
@@ -198,14 +202,14 @@ def _flat_inputs(images: torch.Tensor) -> torch.Tensor:
 
 
 def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tuple[int, int] | None = None,
-                  autocast_dtype: torch.dtype | None = None):
+                  autocast_dtype: torch.dtype | None = None, profile: str = "default"):
     """Like grad_ram, but the maps are upsampled to `size` (H, W) instead of the input size.
 
     The network input covers the whole image, so the same feature map serves any output size.
     """
     layers = parse_layers(layers)
     size = tuple(images.shape[-2:]) if size is None else (int(size[0]), int(size[1]))
-    cams, scores = stage_cams(model, images, layers, autocast_dtype=autocast_dtype)
+    cams, scores = stage_cams(model, images, layers, autocast_dtype=autocast_dtype, profile=profile)
     with torch.no_grad():
         in_size = tuple(images.shape[-2:])
         maps = torch.stack([_unit_map(cams[name], stage_stride(name), in_size, size) for name in layers]).mean(dim=0)
@@ -216,24 +220,26 @@ def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tupl
     return maps.float().cpu(), scores.cpu()
 
 
-def grad_ram(model, images: torch.Tensor, *, layers=("layer4",),
-             autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_ram(model, images: torch.Tensor, *, layers=("layer4",), autocast_dtype: torch.dtype | None = None,
+             profile: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-RAM heatmaps for a batch.
 
     images: (B, 3, H, W) in [0, 1], any H, W >= 32. layers: stage names "layer1".."layer4" (the
     output of that stage's last block), a comma list, or "all"; several stages give the average
-    of their normalised maps. Returns (maps (B, H, W) float32 in [0, 1], scores (B,) float32),
-    both on the CPU. A map is all zeros where no region raises the score (or the image is flat).
+    of their normalised maps. profile: whose score the maps explain (model.network.PROFILES).
+    Returns (maps (B, H, W) float32 in [0, 1], scores (B,) float32 of that profile), both on the
+    CPU. A map is all zeros where no region raises the score (or the image is flat).
     """
-    return grad_ram_maps(model, images, layers=layers, autocast_dtype=autocast_dtype)
+    return grad_ram_maps(model, images, layers=layers, autocast_dtype=autocast_dtype, profile=profile)
 
 
 def heatmap_for_image(model, preprocessing, img, *, layer: str = "layer4", device=None,
-                      autocast_dtype: torch.dtype | None = None) -> HeatmapResult:
+                      autocast_dtype: torch.dtype | None = None, profile: str = "default") -> HeatmapResult:
     """Grad-RAM for one decoded (upright RGB) PIL image, mapped back to its original width x height.
 
     `layer` is a stage name, a comma list or "all". `device` must be None or the model's device
     (the shared model is never moved). Pass a Scorer's `autocast_dtype` to get its exact score.
+    `profile`: the score profile the map explains and `score` is of.
     """
     layers = parse_layers(layer)
     if device is not None:
@@ -242,10 +248,11 @@ def heatmap_for_image(model, preprocessing, img, *, layer: str = "layer4", devic
             raise ValueError(f"the model is on {actual}, not {wanted}; move it (or pass device=None)")
     tensor = preprocessing.image_to_tensor(img)
     maps, scores = grad_ram_maps(model, tensor[None], layers=layers, size=(img.height, img.width),
-                                 autocast_dtype=autocast_dtype)
+                                 autocast_dtype=autocast_dtype, profile=profile)
     return HeatmapResult(
         score=float(scores[0]),
         heatmap=maps[0].numpy(),
         layers=layers,
         input_size=(int(tensor.shape[2]), int(tensor.shape[1])),
+        profile=profile,
     )

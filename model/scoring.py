@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .checkpoint import DEFAULT_WEIGHTS, CheckpointMeta, load_checkpoint
-from .network import ResMemNet
+from .network import ResMemNet, ResMemNetConfig, available_profiles, profile_score
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image
 from .quality import input_warnings
 
@@ -68,6 +68,7 @@ class ScoreResult:
     reason: str | None = None
     percentile: float | None = None  # 0-100 among the checkpoint's reference photos (None: no reference)
     warnings: list[str] = field(default_factory=list)  # model.quality codes: inputs it cannot judge
+    profile: str = "default"  # the score profile (model.network.PROFILES) score and percentile are of
 
     @property
     def ok(self) -> bool:
@@ -79,7 +80,7 @@ class Scorer:
 
     backend "torch" runs the model; "onnxruntime" runs its ONNX export on the CPU (runner: a
     model.backends.OnnxRuntimeRunner) and loads the torch model only when something asks for
-    `model` (heatmaps), from `weights`.
+    `model` (heatmaps, score profiles other than "default"), from `weights`.
     """
 
     def __init__(self, model: ResMemNet | None, preprocessing: Preprocessing, *, device="auto",
@@ -152,6 +153,24 @@ class Scorer:
         return cls(model, meta.preprocessing, meta=meta, **kwargs)
 
     @property
+    def config(self) -> ResMemNetConfig:
+        """The model's architecture; from the checkpoint's metadata while the torch model is not loaded."""
+        if self._model is None and self.meta is not None:
+            return self.meta.architecture
+        return self.model.cfg
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        """The score profiles this model has (model.network.available_profiles), "default" first."""
+        return available_profiles(self.config)
+
+    def check_profile(self, profile: str) -> str:
+        """`profile`, or ValueError naming the profiles this model has."""
+        if profile not in self.profiles:
+            raise ValueError(f"unknown profile {profile!r}; this model has {', '.join(self.profiles)}")
+        return profile
+
+    @property
     def model_name(self) -> str:
         return f"{self.meta.name}@{self.meta.version}" if self.meta else "resmemnet"
 
@@ -161,18 +180,44 @@ class Scorer:
         return nullcontext()
 
     @torch.inference_mode()
-    def score_tensor_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0,1], all one shape -> (B,) float32 scores on the CPU."""
-        if self.runner is not None:
-            return torch.from_numpy(self.runner(batch.float().contiguous().numpy()))
+    def score_tensor_batch(self, batch: torch.Tensor, profile: str = "default") -> torch.Tensor:
+        """(B, 3, H, W) in [0,1], all one shape -> (B,) float32 scores of `profile` on the CPU.
+
+        ValueError for a profile this model has not got; see profile_score_batch for the engines."""
+        return self.profile_score_batch(batch, (profile,))[:, 0]
+
+    @torch.inference_mode()
+    def profile_score_batch(self, batch: torch.Tensor, profiles: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0,1], all one shape -> (B, P) float32 scores on the CPU, one column per
+        name in `profiles` (default: all of `self.profiles`, in that order).
+
+        The trunk runs once: profiles differ only in how the head's outputs are combined. The
+        onnxruntime backend outputs the default score only, so any other profile is scored by
+        the torch model (`model`, loaded on first use); the default column still comes from the
+        runner. ValueError for a profile this model has not got.
+        """
+        names = tuple(self.profiles if profiles is None else (self.check_profile(p) for p in profiles))
+        columns = {}
+        if self.runner is not None and "default" in names:
+            columns["default"] = torch.from_numpy(self.runner(batch.float().contiguous().numpy()))
+        rest = [name for name in names if name not in columns]
+        if rest:
+            outputs = self._head_outputs(batch)
+            columns.update({name: profile_score(outputs, self.model.cfg, name).float().cpu() for name in rest})
+        return torch.stack([columns[name] for name in names], dim=1)
+
+    def _head_outputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, n_outputs) head outputs of the torch model: the trunk in reduced
+        precision (its last stage in fp32), the head always in fp32."""
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with self._autocast():
             pooled = self.model.forward_features(x, fp32_last_stage=self.mixed_precision)
         pooled = [p.float() for p in pooled]
-        return self.model.head(pooled).float().cpu()
+        return self.model.head.outputs(pooled)
 
-    def score_tensors(self, tensors: Sequence[torch.Tensor], *, max_batch: int | None = None) -> list[float]:
-        """Score (3, H, W) tensors of any mix of shapes; order is preserved."""
+    def score_tensors(self, tensors: Sequence[torch.Tensor], *, max_batch: int | None = None,
+                      profile: str = "default") -> list[float]:
+        """Score (3, H, W) tensors of any mix of shapes with one profile; order is preserved."""
         max_batch = max(1, int(max_batch or self.max_batch))
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, t in enumerate(tensors):
@@ -181,7 +226,7 @@ class Scorer:
         for idxs in groups.values():
             for start in range(0, len(idxs), max_batch):
                 chunk = idxs[start:start + max_batch]
-                out = self.score_tensor_batch(torch.stack([tensors[i] for i in chunk]))
+                out = self.score_tensor_batch(torch.stack([tensors[i] for i in chunk]), profile)
                 for i, s in zip(chunk, out.tolist()):
                     scores[i] = float(s)
         return scores
@@ -196,13 +241,17 @@ class Scorer:
         img = decode_image(source, max_pixels=max_pixels)
         return self.preprocessing.image_to_tensor(img), img.width, img.height, input_warnings(img)
 
-    def percentile(self, score: float) -> float | None:
-        """The score's rank (0-100) among the checkpoint's reference photos; None without a reference."""
-        return self.meta.percentile(score) if self.meta is not None else None
+    def percentile(self, score: float, profile: str = "default") -> float | None:
+        """The score's rank (0-100) among the checkpoint's reference photos, by the quantiles of
+        `profile`; None without a reference (or without quantiles for that profile)."""
+        return self.meta.percentile(score, profile) if self.meta is not None else None
 
     def score_paths(self, paths: Sequence[str], *, batch_size: int = 16, workers: int = 2,
-                    progress=None) -> Iterator[ScoreResult]:
-        """Score files in order, decoding in threads ahead of the model. Bad files become error rows."""
+                    progress=None, profile: str = "default") -> Iterator[ScoreResult]:
+        """Score files in order, decoding in threads ahead of the model. Bad files become error rows.
+
+        Scores and percentiles are of `profile`; ValueError (on the first row) for one this model has not got."""
+        self.check_profile(profile)
         batch_size = max(1, int(batch_size))
 
         def load(path):
@@ -217,16 +266,16 @@ class Scorer:
             for start in range(0, len(paths), window):
                 loaded = list(pool.map(load, paths[start:start + window]))
                 good = [item for item in loaded if item[1] is not None]
-                scores = self.score_tensors([item[1] for item in good], max_batch=batch_size)
+                scores = self.score_tensors([item[1] for item in good], max_batch=batch_size, profile=profile)
                 by_path = {id(item): s for item, s in zip(good, scores)}
                 for item in loaded:
                     path, tensor, w, h, warns, exc = item
                     if exc is not None:
-                        yield ScoreResult(path=str(path), error=exc.message, reason=exc.reason)
+                        yield ScoreResult(path=str(path), error=exc.message, reason=exc.reason, profile=profile)
                     else:
                         score = by_path[id(item)]
-                        yield ScoreResult(path=str(path), score=score, width=w, height=h,
-                                          percentile=self.percentile(score), warnings=warns)
+                        yield ScoreResult(path=str(path), score=score, width=w, height=h, profile=profile,
+                                          percentile=self.percentile(score, profile), warnings=warns)
                     if progress is not None:
                         progress(1)
 

@@ -393,7 +393,7 @@ def test_settings_from_environment():
 class RankedScorer(SlowScorer):
     """A real scorer whose checkpoint has a reference set: percentile = 100 x score."""
 
-    def percentile(self, score):
+    def percentile(self, score, profile="default"):
         return round(100.0 * score, 2)
 
 
