@@ -2,7 +2,8 @@
 #   make serve   - set up, then run the scoring service on the shipped checkpoint (http://127.0.0.1:8000)
 #   make test    - set up, then run the test suite (what .ci/run calls)
 # Everyday ones (see docs/cli.md):
-#   make score IMAGES="photos/ more.jpg" OUT=scores.csv   - score images (OUT: .csv or .json; none: CSV on stdout)
+#   make score IMAGES="photos/ more.jpg" OUT=scores.csv   - score images (OUT: .csv or .json; none: CSV on stdout;
+#                                                          PROFILE=general|outdoor picks a score profile)
 #   make bench                                           - the quick benchmarks (a few minutes on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -46,7 +47,7 @@ test: setup system-deps
 
 score: setup
 	@if [ -z "$(IMAGES)" ]; then echo 'usage: make score IMAGES="photos/ more.jpg" [OUT=scores.csv|scores.json]'; exit 2; fi
-	@$(VENV)/bin/resmemnet score $(IMAGES) $(if $(OUT),--out $(OUT))
+	@$(VENV)/bin/resmemnet score $(IMAGES)$(if $(OUT), --out $(OUT))$(if $(PROFILE), --profile $(PROFILE))
 
 bench: setup
 	@if [ ! -d "$(BENCH_IMAGES)" ]; then echo "make bench: no folder $(BENCH_IMAGES); give BENCH_IMAGES=a folder of photos"; exit 2; fi

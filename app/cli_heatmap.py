@@ -77,13 +77,13 @@ def run_heatmap(args) -> int:
     files, missing = collect_inputs(args.paths)
     if not files and not missing:
         return fail("no files found under the given paths")
+    scorer = load_scorer(weights_path(args), args.device)
+    profile = checked_profile(scorer, args.profile)  # a usage error leaves no output folder behind
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return fail(f"cannot create the output folder {out_dir}: {exc}")
-    scorer = load_scorer(weights_path(args), args.device)
-    profile = checked_profile(scorer, args.profile)
     failed = 0
     for path in missing:
         print(f"{path}: error: no such file or folder (not_found)", file=sys.stderr)

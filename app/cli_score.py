@@ -369,15 +369,28 @@ def summary(info: dict) -> str:
             trained += f"; teacher scores: {counts['train_teacher']:,} photos ({counts.get('teacher_holdout', 0):,} held out)"
         rows.append(("trained on", trained))
     cv = info.get("metrics", {}).get("cross_validation", {})
+    shipped = cv.get("shipped_setting")  # the served scalars, re-scored from the run's fold outputs
     if cv.get("mean"):
         mean, std = cv["mean"], cv.get("std", {})
-        text = (f"{len(cv.get('splits', []))}-fold CV on {cv.get('dataset', '?')}: Spearman {_num(mean.get('spearman'))}"
-                f" ± {_num(std.get('spearman'))}, Pearson {_num(mean.get('pearson'))}, MSE {_num(mean.get('mse'), 4)}")
+        folds = f"{len(cv.get('splits', []))}-fold CV on {cv.get('dataset', '?')}"
+        if shipped:
+            text = (f"{folds}, as served: Spearman {_num(shipped.get('spearman_mean'))} ± "
+                    f"{_num(shipped.get('spearman_sd'))}")
+            agreement = shipped.get("teacher_holdout_spearman")
+        else:
+            text = (f"{folds}: Spearman {_num(mean.get('spearman'))} ± {_num(std.get('spearman'))}, "
+                    f"Pearson {_num(mean.get('pearson'))}, MSE {_num(mean.get('mse'), 4)}")
+            agreement = mean.get("teacher_holdout_spearman")
         if mean.get("human_ceiling") is not None:
             text += f" (humans: {_num(mean['human_ceiling'])})"
         rows.append(("results", text))
-        if mean.get("teacher_holdout_spearman") is not None:
-            rows.append(("", f"agreement with the teacher on held-out photos: {_num(mean['teacher_holdout_spearman'])}"))
+        if agreement is not None:
+            rows.append(("", f"agreement with the teacher on held-out photos: {_num(agreement)}"))
+    validation = info.get("metrics", {}).get("validation", {}).get("cdm_dev", {})
+    if validation.get("spearman") is not None:
+        rows.append(("", f"cdm_dev (another lab's photos, validation): Spearman {_num(validation['spearman'])}"
+                         + (f"; resmem package {_num(validation['resmem_package_spearman'])}"
+                            if validation.get("resmem_package_spearman") is not None else "")))
     prov = info.get("provenance", {})
     if prov:
         commit = (prov.get("git_commit") or "?")[:10]

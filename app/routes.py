@@ -56,6 +56,7 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
         for name in sorted({k for k, _ in request.query_params.multi_items()}):
             if name not in query:
                 allowed = f"it takes {', '.join(query)}" if query else "it takes none"
+                name = name if len(name) <= 40 else f"{name[:40]}..."  # echo no huge values
                 raise ServiceError("unexpected_field", f"query parameter {name!r} is not known to "
                                    f"{request.url.path} ({allowed}); it is refused rather than ignored")
             given = request.query_params.getlist(name)

@@ -275,7 +275,8 @@ def profile_score(outputs: torch.Tensor, cfg: ResMemNetConfig, profile: str = "d
     """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); ValueError for a profile
     this model has not got (available_profiles)."""
     if profile not in available_profiles(cfg):
-        raise ValueError(f"unknown profile {profile!r}; this model has {', '.join(available_profiles(cfg))}")
+        shown = profile if len(str(profile)) <= 40 else f"{str(profile)[:40]}..."  # echo no huge values
+        raise ValueError(f"unknown profile {shown!r}; this model has {', '.join(available_profiles(cfg))}")
     if profile == "general":
         return soft_clamp(outputs[:, 1])
     if profile == "outdoor":

@@ -118,7 +118,9 @@ class Scorer:
     def model(self) -> ResMemNet:
         """The torch model (loaded on first use when another backend scores)."""
         if self._model is None:
-            with self._model_lock:
+            # Loaded outside inference mode even when first asked for inside it (a profile score on
+            # another backend): inference tensors as parameters would break every later heatmap.
+            with self._model_lock, torch.inference_mode(False):
                 if self._model is None:
                     self._model = self._place(load_checkpoint(self._weights)[0])
         return self._model
@@ -167,7 +169,8 @@ class Scorer:
     def check_profile(self, profile: str) -> str:
         """`profile`, or ValueError naming the profiles this model has."""
         if profile not in self.profiles:
-            raise ValueError(f"unknown profile {profile!r}; this model has {', '.join(self.profiles)}")
+            shown = profile if len(str(profile)) <= 40 else f"{str(profile)[:40]}..."  # echo no huge values
+            raise ValueError(f"unknown profile {shown!r}; this model has {', '.join(self.profiles)}")
         return profile
 
     @property

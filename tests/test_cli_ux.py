@@ -197,6 +197,8 @@ def test_make_score_writes_where_the_user_says(tmp_path):
     assert any(c.endswith(f"resmemnet score photos/ one.jpg --out {tmp_path}/s.csv") for c in commands)
     (plain,) = [c for c in make_dry_run("score", "IMAGES=one.jpg") if "resmemnet score" in c]
     assert plain.rstrip().endswith("resmemnet score one.jpg")  # CSV on stdout: no file appears in the repository
+    profiled = " ".join(make_dry_run("score", "IMAGES=one.jpg", "PROFILE=general"))
+    assert "resmemnet score one.jpg --profile general" in profiled
 
 
 def test_make_bench_runs_the_quick_benchmarks():

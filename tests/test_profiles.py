@@ -200,6 +200,11 @@ def test_onnxruntime_backend_scores_other_profiles_with_the_torch_model(scorer, 
     table = onnx_like.profile_score_batch(images, ["general", "default", "outdoor"])
     assert torch.equal(table[:, 1], torch.full((3,), 0.25)) and len(calls) == 2
     assert torch.allclose(table[:, [0, 2]], scorer.profile_score_batch(images, ["general", "outdoor"]), atol=1e-6)
+    # the torch model loaded inside inference mode still serves Grad-RAM (it needs gradients)
+    assert not any(p.is_inference() for p in onnx_like.model.parameters())
+    from model.gradram import grad_ram
+
+    assert grad_ram(onnx_like.model, images[:1]) is not None
 
 
 # -- the batcher -----------------------------------------------------------------------------
@@ -390,6 +395,7 @@ def test_cli_unknown_profile_is_one_error_line_and_exit_2(command, tiny_checkpoi
     err = capsys.readouterr().err
     assert err.startswith("resmemnet: error: --profile: unknown profile 'general'") and len(err.splitlines()) == 1
     assert "this model has default" in err
+    assert not (tmp_path / "out").exists()  # a usage error leaves no output folder behind
 
 
 def test_cli_heatmap_profile(profile_checkpoint, scorer, tmp_path, capsys):
