@@ -511,8 +511,12 @@ def test_evaluate_without_splits_reports_all_images(tiny_checkpoint, workspace, 
     (["train", "--set", "readout.alphas=[]"], "readout.alphas"),
     (["train", "--set", "readout.tap_weighting=depth"], "readout.tap_weighting"),
     (["train", "--set", "model.teacher_output=false", "--set", "model.score_blend=1.0",
-      "--set", "readout.labelled_prior=teacher"],
+      "--set", "model.domain_gate=false", "--set", "readout.labelled_prior=teacher"],
      "readout.labelled_prior = 'teacher' needs model.teacher_output = true"),
+    (["train", "--set", "model.teacher_output=false", "--set", "model.score_blend=1.0"],
+     "model.domain_gate = true needs model.teacher_output = true"),
+    (["train", "--set", "model.gate_width=0"], "model.gate_width must be a positive number"),
+    (["train", "--set", "readout.teacher_alphas=[-1.0]"], "readout.teacher_alphas"),
 ])
 def test_cli_errors_exit_2_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     from app.cli import main as cli_main
