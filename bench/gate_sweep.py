@@ -13,6 +13,8 @@ through the checkpoint's own preprocessing and trunk in fp32 (cached in OUT/cdm_
 and its calibration is refitted per blend on the final run's labelled training photos
 (FINAL_RUN_DIR/head_outputs.csv). cdm_dev is a validation set: it chooses these few scalars,
 never a weight.
+The grids default to 11 blends x (no gate + 6 centres x 4 widths); --blends, --centres and
+--widths take comma-separated values instead, and the checkpoint's own setting is always added.
 Writes OUT/gate_sweep.csv and prints the rows that keep LNSIM CV rho >= --floor, best cdm_dev first.
 """
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +49,11 @@ def scorer(cfg, blend: float, centre: float | None, width: float | None, train_o
     import torch
 
     from model.network import blend_outputs
-    from model.training.predict import affine_fit
+    from model.training.predict import calibrated_for_blend
 
-    scale, shift = affine_fit(blend * train_out[:, 0] + (1 - blend) * train_out[:, 1], train_y)
-    mcfg = replace(cfg, score_blend=blend, score_scale=max(scale, 1e-6), score_shift=shift,
-                   domain_gate=centre is not None, gate_center=centre if centre is not None else cfg.gate_center,
-                   gate_width=width if width is not None else cfg.gate_width)
+    mcfg = calibrated_for_blend(cfg, blend, train_out, train_y, domain_gate=centre is not None,
+                                gate_center=centre if centre is not None else cfg.gate_center,
+                                gate_width=width if width is not None else cfg.gate_width)
     return lambda out: blend_outputs(torch.from_numpy(np.ascontiguousarray(out)), mcfg).numpy()
 
 
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root")
     ap.add_argument("--out", default=str(REPO / "runs" / "gate_sweep"))
     ap.add_argument("--floor", type=float, default=0.572, help="LNSIM CV rho a printed row must keep")
+    grid = lambda text: tuple(float(v) for v in text.split(","))  # noqa: E731
+    ap.add_argument("--blends", type=grid, default=BLENDS, help="comma-separated score_blend values")
+    ap.add_argument("--centres", type=grid, default=CENTRES, help="comma-separated gate centres")
+    ap.add_argument("--widths", type=grid, default=WIDTHS, help="comma-separated gate widths")
     args = ap.parse_args(argv)
 
     from model.checkpoint import read_meta
@@ -120,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     cdm = load_cdm_dev(Path(args.data))
     lnsim_y, lnsim_out = read_outputs(final / "head_outputs.csv")["train"]
     cdm_out = checkpoint_outputs(weights, cdm.paths, out_dir / "cdm_dev_outputs.csv") if cdm is not None else None
-    settings = [(b, None, None) for b in BLENDS] + [(b, c, w) for b in BLENDS for c in CENTRES for w in WIDTHS]
+    settings = [(b, None, None) for b in args.blends] + [(b, c, w) for b in args.blends for c in args.centres
+                                                         for w in args.widths]
+    own = (cfg.score_blend, cfg.gate_center if cfg.domain_gate else None, cfg.gate_width if cfg.domain_gate else None)
+    if own not in settings:  # the checkpoint's own setting always has its row
+        settings.append(own)
     rows = []
     for blend, centre, width in settings:
         rho, agree = [], []

@@ -271,12 +271,18 @@ def available_profiles(cfg: ResMemNetConfig) -> tuple[str, ...]:
     return PROFILES if cfg.teacher_output else PROFILES[:1]
 
 
-def profile_score(outputs: torch.Tensor, cfg: ResMemNetConfig, profile: str = "default") -> torch.Tensor:
-    """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); ValueError for a profile
-    this model has not got (available_profiles)."""
+def check_profile(cfg: ResMemNetConfig, profile: str) -> str:
+    """`profile`, or ValueError naming the profiles a model with this config has."""
     if profile not in available_profiles(cfg):
         shown = profile if len(str(profile)) <= 40 else f"{str(profile)[:40]}..."  # echo no huge values
         raise ValueError(f"unknown profile {shown!r}; this model has {', '.join(available_profiles(cfg))}")
+    return profile
+
+
+def profile_score(outputs: torch.Tensor, cfg: ResMemNetConfig, profile: str = "default") -> torch.Tensor:
+    """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); ValueError for a profile
+    this model has not got (check_profile)."""
+    check_profile(cfg, profile)
     if profile == "general":
         return soft_clamp(outputs[:, 1])
     if profile == "outdoor":

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .checkpoint import DEFAULT_WEIGHTS, CheckpointMeta, load_checkpoint
-from .network import ResMemNet, ResMemNetConfig, available_profiles, profile_score
+from .network import ResMemNet, ResMemNetConfig, available_profiles, check_profile, profile_score
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image
 from .quality import input_warnings
 
@@ -168,10 +168,7 @@ class Scorer:
 
     def check_profile(self, profile: str) -> str:
         """`profile`, or ValueError naming the profiles this model has."""
-        if profile not in self.profiles:
-            shown = profile if len(str(profile)) <= 40 else f"{str(profile)[:40]}..."  # echo no huge values
-            raise ValueError(f"unknown profile {shown!r}; this model has {', '.join(self.profiles)}")
-        return profile
+        return check_profile(self.config, profile)
 
     @property
     def model_name(self) -> str:

@@ -81,6 +81,16 @@ def affine_fit(pred, y) -> tuple[float, float]:
     return scale, float(y.mean() - scale * pred.mean())
 
 
+def calibrated_for_blend(model_cfg, blend: float, train_out: np.ndarray, train_y: np.ndarray, **changes):
+    """model_cfg with score_blend = blend and its calibration refitted (affine_fit) to the labelled
+    training photos' outputs (n, n_outputs) and scores, as calibrate_score fits it for a gated head;
+    `changes` replace other fields (e.g. the gate's)."""
+    from dataclasses import replace
+
+    scale, shift = affine_fit(blend * train_out[:, 0] + (1 - blend) * train_out[:, 1], train_y)
+    return replace(model_cfg, score_blend=blend, score_scale=max(scale, 1e-6), score_shift=shift, **changes)
+
+
 BLEND_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 
@@ -108,8 +118,6 @@ def blend_curve(model, pool: Pool, spec: RunSpec, cfg: Config, device) -> list[d
     a teacher output: one CV run shows the whole trade-off the blend is chosen from. With a
     domain gate, each row also gives the gated score's rho and agreement ("gated_" keys), its
     calibration refitted for that blend on the fold's labelled training photos."""
-    from dataclasses import replace
-
     import torch
 
     from ..network import blend_outputs
@@ -129,8 +137,7 @@ def blend_curve(model, pool: Pool, spec: RunSpec, cfg: Config, device) -> list[d
             row["teacher_holdout_spearman"] = spearman(b * hold[:, 0] + (1 - b) * hold[:, 1],
                                                        teacher_truth(pool, spec.holdout_idx))
         if gated:
-            scale, shift = affine_fit(b * train_out[:, 0] + (1 - b) * train_out[:, 1], train_y)
-            mcfg = replace(model.cfg, score_blend=b, score_scale=max(scale, 1e-6), score_shift=shift)
+            mcfg = calibrated_for_blend(model.cfg, b, train_out, train_y)
             score = lambda out: blend_outputs(torch.from_numpy(out), mcfg).numpy()  # noqa: E731
             row["gated_spearman"] = spearman(score(test), truth)
             if hold is not None:

@@ -53,8 +53,7 @@ def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget
             extra["teacher_holdout_spearman"] = hold["spearman"]
         result = split_result(fold["name"], pred, pool.labelled.scores[spec.test_idx], halves=pool.labelled.halves,
                               idx=spec.test_idx, extra=extra)
-        if (model.cfg.teacher_output and pool.features is not None and not summary["trunk_changed"]
-                and "none" in pool.features.augmentations):
+        if model.cfg.teacher_output and outputs_from_cache(pool, summary):
             result["blend_curve"] = blend_curve(model, pool, spec, cfg, device)
             write_head_outputs(fold_dir / "head_outputs.csv", model, pool, spec, cfg, device)
         write_predictions(fold_dir / "predictions.csv", pool, spec.test_idx, pred)
@@ -71,6 +70,12 @@ def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget
     log(format_report(report))
     log(f"cross-validation written to {run_dir / 'cv.json'} and {run_dir / 'cv.csv'}")
     return True
+
+
+def outputs_from_cache(pool: Pool, summary: dict) -> bool:
+    """Whether the trained head's outputs can be read off the feature cache: it exists, holds the
+    unaugmented rows, and the trunk it was made with was not trained since."""
+    return pool.features is not None and not summary["trunk_changed"] and "none" in pool.features.augmentations
 
 
 def write_predictions(path: Path, pool: Pool, idx, pred) -> None:
@@ -124,8 +129,7 @@ def run_final(cfg: Config, run_dir: Path, pool: Pool, model, source, preprocessi
         final_metrics["teacher_holdout"] = {"n": len(spec.holdout_idx), "spearman": hold["spearman"],
                                             "note": "agreement with the teacher on photos never trained on"}
     (run_dir / "metrics.json").write_text(json.dumps(to_plain(final_metrics), indent=2) + "\n")
-    if model.cfg.teacher_output and pool.features is not None and not summary["trunk_changed"] \
-            and "none" in pool.features.augmentations:
+    if model.cfg.teacher_output and outputs_from_cache(pool, summary):
         write_head_outputs(run_dir / "head_outputs.csv", model, pool, spec, cfg, device)
     path = write_checkpoint(cfg, run_dir, pool, spec, model, source, preprocessing, summary, final_metrics, run_info)
     log(f"checkpoint written: {path}")
@@ -156,7 +160,8 @@ def write_checkpoint(cfg: Config, run_dir: Path, pool: Pool, spec: RunSpec, mode
         "splits_file": pool.plan.get("source", ""),
         "config": cfg.to_dict(),
     }
-    reference = reference_quantiles(model, pool, cfg, device=next(model.parameters()).device)
+    reference = reference_quantiles(model, pool, cfg, device=next(model.parameters()).device) \
+        if outputs_from_cache(pool, summary) else {}
     meta = CheckpointMeta(
         name=cfg.output.name, architecture=model.cfg, preprocessing=preprocessing, trunk=source,
         trunk_embedded=False, version=cfg.output.version,
@@ -172,14 +177,15 @@ def reference_quantiles(model, pool: Pool, cfg: Config, *, device) -> dict:
     """The final model's score quantiles (0th..100th percentile) over every teacher photo, the fixed
     diverse reference set behind each answer's `percentile` (CheckpointMeta.percentile): "quantiles"
     for the default score, "profiles" for the model's other profiles (network.available_profiles).
-    {} when the run has no teacher photos or no feature cache (scores come from the cache, as in CV)."""
+    {} when the run has no teacher photos (the caller checks that the cache holds the outputs:
+    outputs_from_cache)."""
     import numpy as np
     import torch
 
     from ..network import available_profiles, profile_score
     from .predict import head_outputs
 
-    if pool.teacher is None or pool.features is None or "none" not in pool.features.augmentations:
+    if pool.teacher is None:
         return {}
     idx = np.arange(pool.n_labelled, len(pool.paths))
     outputs = torch.from_numpy(head_outputs(model, pool, idx, cfg, device))
