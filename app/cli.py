@@ -27,12 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def package_version() -> str:
     """The installed distribution's version (pyproject.toml), without importing the model."""
-    from importlib.metadata import PackageNotFoundError, version
+    from model.environment import installed_version
 
-    try:
-        return version("resmemnet")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    return installed_version() or "unknown (not installed)"  # a source tree that was never installed
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def run_export(args) -> int:
     from pathlib import Path
 
     from app.cli_score import EXIT_OK, fail, weights_path
-    from model.backbones import TrunkLoadError
+    from model.trunks import TrunkLoadError
     from model.checkpoint import CheckpointError
     from model.export import ExportError, TritonOptions, export_to, write_triton_repository
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import sys
 import textwrap
@@ -76,9 +75,9 @@ def weights_path(args) -> str:
     """The --weights value, or the default checkpoint (RESMEMNET_WEIGHTS, else the shipped one)."""
     if args.weights:
         return args.weights
-    from model.checkpoint import DEFAULT_WEIGHTS
+    from model.environment import default_weights
 
-    return str(DEFAULT_WEIGHTS)
+    return str(default_weights())
 
 
 def positive_int(text: str) -> int:
@@ -99,7 +98,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def load_scorer(weights: str, device: str, **kwargs):
-    from model.backbones import TrunkLoadError
+    from model.trunks import TrunkLoadError
     from model.checkpoint import CheckpointError
     from model.scoring import Scorer
 
@@ -151,7 +150,10 @@ def run_score(args) -> int:
     entries = ordered_inputs(args.paths)
     if not entries:
         return fail("no files found under the given paths")
-    backend = args.backend or os.environ.get("RESMEMNET_BACKEND") or "auto"
+    from model.engines import CLI_DEFAULT_BACKEND
+    from model.environment import backend_setting
+
+    backend = backend_setting(args.backend, default=CLI_DEFAULT_BACKEND)
     if backend == "auto" and args.profile != "default":
         backend = "torch"  # the ONNX export outputs the default score only: torch would score the rest anyway
     scorer = load_scorer(weights_path(args), args.device, mixed_precision=not args.fp32, backend=backend)
@@ -273,36 +275,22 @@ def checkpoint_info(weights: str) -> dict:
     Reads the metadata and the tensor file's header only (no weights, no torch), so it is quick;
     `trunk.installed` is the installed version of the package that holds the trunk's weights,
     or None. Raises CheckpointError for missing or invalid metadata."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from model.checkpoint import _json_path, read_meta
+    from model.environment import installed_version
 
     json_path = _json_path(weights)
     meta = read_meta(json_path)
     raw = json.loads(json_path.read_text())
     info = dict(raw)
     info["parameters"] = parameter_counts(meta, json_path.parent / meta.tensors_file)
-    info["software"] = {name: _installed(name) for name in ("resmemnet", "torch")}  # what reads it now
+    info["software"] = {name: installed_version(name) for name in ("resmemnet", "torch")}  # what reads it now
     if meta.trunk.package and not meta.trunk_embedded:
-        try:
-            info["trunk"]["installed"] = version(meta.trunk.package)
-        except PackageNotFoundError:
-            info["trunk"]["installed"] = None
+        info["trunk"]["installed"] = installed_version(meta.trunk.package)
     return scrub_paths(info)
 
 
-def _installed(package: str) -> str | None:
-    """An installed package's version from its metadata (no import), or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def run_info(args) -> int:
-    from model.backbones import TrunkLoadError
+    from model.trunks import TrunkLoadError
     from model.checkpoint import CheckpointError
 
     try:

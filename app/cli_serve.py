@@ -87,7 +87,7 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 def check_startup(settings) -> str | None:
     """Fail fast, before binding the port, on what would make every request fail."""
     from model.checkpoint import CheckpointError, read_meta
-    from model.scoring import resolve_device
+    from model.devices import resolve_device
 
     try:
         read_meta(settings.weights)

@@ -36,7 +36,7 @@ async def page(request: Request):
     if not wants_html(request.headers.get("accept", "")):
         from .routes import index
 
-        return await index(request)
+        return index(request)
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
 

@@ -305,7 +305,7 @@ async def heatmap(
         layers = gradram.parse_layers(layer)
     except ValueError as exc:
         raise ServiceError("invalid_request", f"layer: {exc}") from None
-    _check_colormap(overlay, colormap)
+    _check_colormap(colormap)
     if state.heatmaps_running >= state.settings.heatmap_concurrency:
         raise ServiceError("heatmap_busy", f"{state.heatmaps_running} heatmaps are being computed (the limit); "
                            "retry shortly", retry_after=state.settings.retry_after_s)
@@ -349,18 +349,12 @@ async def heatmap(
     return Response(png, media_type="image/png", headers=headers)
 
 
-def _check_colormap(overlay_module, colormap: str | None) -> None:
-    """Refuse an unknown colormap before any work, when the overlay module lists its colormaps."""
-    if colormap is None:
-        return
-    known = None
-    for attr in ("COLORMAPS", "colormap_names", "available_colormaps"):
-        value = getattr(overlay_module, attr, None)
-        if value is not None:
-            known = value() if callable(value) else value
-            break
-    if known is not None and colormap not in known:
-        raise ServiceError("invalid_request", f"unknown colormap {colormap!r}; use one of {', '.join(sorted(known))}")
+def _check_colormap(colormap: str | None) -> None:
+    """Refuse an unknown colormap before any work."""
+    from model.overlay import COLORMAPS
+
+    if colormap is not None and colormap not in COLORMAPS:
+        raise ServiceError("invalid_request", f"unknown colormap {colormap!r}; use one of {', '.join(sorted(COLORMAPS))}")
 
 
 class _HeatmapSlot:
@@ -431,8 +425,8 @@ async def metrics(request: Request) -> Response:
     return Response(data, media_type=content_type)
 
 
-@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-async def index(request: Request):
+def index(request: Request) -> dict:
+    """The JSON index at / (app/page.py answers / and gives this to clients that do not ask for HTML)."""
     state = _state(request)
     return {"service": "resmemnet", "phase": state.phase, "docs": "/docs",
             "endpoints": ["POST /score", "POST /score/batch", "POST /heatmap", "GET /healthz", "GET /readyz",

@@ -208,6 +208,8 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
     fastapi-offline package: they work on a host without internet access."""
     from fastapi_offline import FastAPIOffline
 
+    from model.environment import installed_version
+
     from . import page, routes
 
     settings = settings or ServiceSettings.from_env()
@@ -225,7 +227,7 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
     app = FastAPIOffline(
         static_url="/docs-assets",
         title="ResMem-Net scoring service",
-        version=_package_version(),
+        version=installed_version() or "0.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=[
@@ -252,12 +254,3 @@ def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
     app.add_middleware(ShutdownGuardMiddleware, retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: app.routes)
     return app
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("resmemnet")
-    except PackageNotFoundError:
-        return "0.0.0"

@@ -1,26 +1,29 @@
 """Service settings, read from `RESMEMNET_*` environment variables.
 
-Every field maps to one variable: `max_batch_size` <- `RESMEMNET_MAX_BATCH_SIZE`, and so on.
-`ServiceSettings.table()` renders the documented table (name, default, meaning) for the README.
+Every field maps to one variable: `max_batch_size` <- `RESMEMNET_MAX_BATCH_SIZE`, and so on,
+read by model.environment.env_value as everywhere else. `ServiceSettings.table()` renders the
+documented table (name, default, meaning) for the README.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
-ENV_PREFIX = "RESMEMNET_"
+from model.engines import BACKENDS, DEFAULT_BACKEND
+from model.environment import ENV_PREFIX, env_name, env_value  # noqa: F401  (ENV_PREFIX: for callers)
+from model.errors import InputError
+
 MiB = 1024 * 1024
 
 
-class SettingsError(ValueError):
+class SettingsError(InputError):
     """An environment variable with a value that cannot be used."""
 
 
 def _default_weights() -> str:
-    from model.checkpoint import DEFAULT_WEIGHTS
+    from model.environment import default_weights
 
-    return str(DEFAULT_WEIGHTS)
+    return str(default_weights())
 
 
 def _default_max_pixels() -> int:
@@ -40,7 +43,7 @@ class ServiceSettings:
                          metadata=_doc("checkpoint .json to serve (default: the shipped checkpoint)"))
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when present, else CPU), `cpu` or `cuda`"))
     mixed_precision: bool = field(default=True, metadata=_doc("trunk in fp16 on CUDA, in bf16 on CPUs with native bf16 (AVX512-BF16/AMX); false: fp32"))
-    backend: str = field(default="torch", metadata=_doc(
+    backend: str = field(default=DEFAULT_BACKEND, metadata=_doc(
         "inference engine: `torch`, `onnxruntime` (the model's ONNX export on the CPU, fp32, scores within 1e-3 of "
         "torch fp32; needs the `engines` extra) or `auto` (onnxruntime on a CPU where installed). Heatmaps use torch"))
     warmup: bool = field(default=True, metadata=_doc("run warm-up forward passes before /readyz says ready"))
@@ -75,7 +78,7 @@ class ServiceSettings:
         problems = []
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
-        if self.backend not in ("auto", "torch", "onnxruntime"):
+        if self.backend not in ("auto", *BACKENDS):
             problems.append(f"backend must be auto, torch or onnxruntime, not {self.backend!r}")
         for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",
                      "max_files_per_request", "heatmap_concurrency", "retry_after_s"):
@@ -101,17 +104,13 @@ class ServiceSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "ServiceSettings":
         """Defaults, then `RESMEMNET_*` variables, then explicit overrides (e.g. CLI flags)."""
-        environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
-            raw = environ.get(env_name(f.name))
-            if raw is not None and raw.strip() != "":
-                values[f.name] = _parse(f, raw.strip())
+            raw = env_value(f.name, environ)
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def replace(self, **changes) -> "ServiceSettings":
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
     def table(cls) -> str:
@@ -125,10 +124,6 @@ class ServiceSettings:
                 default = f"`{str(value).lower() if isinstance(value, bool) else value}`"
             rows.append(f"| `{env_name(f.name)}` | {default} | {f.metadata['doc']} |")
         return "\n".join(rows)
-
-
-def env_name(field_name: str) -> str:
-    return ENV_PREFIX + field_name.upper()
 
 
 def _parse(f, raw: str):

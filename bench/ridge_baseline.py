@@ -30,7 +30,7 @@ BLENDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 def stage_end_columns(backbone: str, tap_channels: list[int]) -> np.ndarray:
     """Columns of the flat tap vector that hold each stage's last block."""
-    from model.backbones import BLOCKS_PER_STAGE
+    from model.trunks import BLOCKS_PER_STAGE
 
     ends = np.cumsum(BLOCKS_PER_STAGE[backbone]) - 1
     offsets = np.concatenate([[0], np.cumsum(tap_channels)])

@@ -95,7 +95,7 @@ def score_resmemnet(weights: str, paths: list[str], batch_size: int) -> list[flo
 def load_resmem_model():
     """ResMem(pretrained=True) in eval mode, its weight file checked against the pinned sha256 first."""
     import resmem
-    from model.backbones import resolve_weight_file, resmem_source
+    from model.trunks import resolve_weight_file, resmem_source
 
     pinned = resolve_weight_file(resmem_source())  # TrunkLoadError if the file differs from the pin
     if Path(resmem.path).resolve() != pinned.resolve():

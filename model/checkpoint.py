@@ -14,17 +14,25 @@ from pathlib import Path
 
 import torch
 
-from .backbones import TrunkLoadError, TrunkSource, sha256_file
+from .environment import default_weights
+from .errors import ModelFileError
+from .filecache import sha256_file
 from .network import ResMemNet, ResMemNetConfig, load_source_weights
 from .preprocess import Preprocessing
+from .trunks import TrunkLoadError, TrunkSource
 
 FORMAT = "resmemnet-checkpoint/1"
-# The shipped checkpoint; RESMEMNET_WEIGHTS points every command (and the container) elsewhere.
-DEFAULT_WEIGHTS = Path(os.environ.get("RESMEMNET_WEIGHTS")
-                       or Path(__file__).resolve().parent.parent / "weights" / "resmemnet-default.json")
 
 
-class CheckpointError(RuntimeError):
+def __getattr__(name: str):
+    # DEFAULT_WEIGHTS, for callers not yet moved to default_weights(): read when it is imported,
+    # not when this module loads, so RESMEMNET_WEIGHTS set later is heard.
+    if name == "DEFAULT_WEIGHTS":
+        return default_weights()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class CheckpointError(ModelFileError):
     """A checkpoint that is missing, tampered with, truncated or does not fit its architecture."""
 
 
@@ -150,8 +158,9 @@ def save_checkpoint(model: ResMemNet, meta: CheckpointMeta, path: str | os.PathL
     return json_path
 
 
-def read_meta(path: str | os.PathLike = DEFAULT_WEIGHTS) -> CheckpointMeta:
-    json_path = _json_path(path)
+def read_meta(path: str | os.PathLike | None = None) -> CheckpointMeta:
+    """The checkpoint's metadata (default: model.environment.default_weights()); CheckpointError."""
+    json_path = _json_path(default_weights() if path is None else path)
     if not json_path.is_file():
         raise CheckpointError(f"checkpoint metadata not found: {json_path}")
     try:
@@ -163,13 +172,14 @@ def read_meta(path: str | os.PathLike = DEFAULT_WEIGHTS) -> CheckpointMeta:
     return CheckpointMeta.from_dict(data)
 
 
-def load_checkpoint(path: str | os.PathLike = DEFAULT_WEIGHTS, *, map_location: str | torch.device = "cpu",
+def load_checkpoint(path: str | os.PathLike | None = None, *, map_location: str | torch.device = "cpu",
                     ) -> tuple[ResMemNet, CheckpointMeta]:
-    """Load a checkpoint, verifying the tensor file's sha256, the trunk's and every shape."""
+    """Load a checkpoint (default: model.environment.default_weights()), verifying the tensor
+    file's sha256, the trunk's and every shape."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    json_path = _json_path(path)
+    json_path = _json_path(default_weights() if path is None else path)
     meta = read_meta(json_path)
     tensors_path = json_path.parent / meta.tensors_file
     if not tensors_path.is_file():

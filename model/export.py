@@ -19,7 +19,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbones import cache_dir, sha256_file, verified_sha256
+from .errors import ModelFileError
+from .filecache import cache_dir, sha256_file, verified_sha256
 
 FORMAT = "resmemnet-onnx/1"
 INPUT_NAME, OUTPUT_NAME = "image", "score"
@@ -29,7 +30,7 @@ TRITON_PLATFORM = "onnxruntime_onnx"
 EXPORT_TOLERANCE = 1e-3
 
 
-class ExportError(RuntimeError):
+class ExportError(ModelFileError):
     """An export that could not be written or does not reproduce the torch model."""
 
 

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .backbones import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet
 
 
 HEADS = ("lstm", "linear", "readout")
@@ -442,14 +442,10 @@ def build_resmemnet(*, backbone: str = "resnet50", trunk_source=None, allow_down
     return model
 
 
-# State-dict prefixes of the weights that come from the trunk's source, not from our checkpoints.
-SOURCE_PREFIXES = ("trunk.", "branch.")
-
-
 def load_source_weights(model: ResMemNet, source, *, allow_download: bool = True, trunk: bool = True) -> None:
     """Load the trunk (when `trunk`) and the memory branch (if the model has one) from `source`,
     reading its (hash-checked) file once. TrunkLoadError when the file does not fit."""
-    from .backbones import TrunkLoadError, load_trunk_state, read_state_dict, remap_keys, resolve_weight_file
+    from .trunks import TrunkLoadError, load_trunk_state, read_state_dict, remap_keys, resolve_weight_file
 
     if source.kind == "none" or not (trunk or model.branch is not None):
         return
@@ -469,7 +465,3 @@ def load_source_weights(model: ResMemNet, source, *, allow_download: bool = True
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def with_config(cfg: ResMemNetConfig, **changes) -> ResMemNetConfig:
-    return replace(cfg, **changes)

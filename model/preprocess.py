@@ -305,9 +305,6 @@ class Preprocessing:
         arr = np.asarray(img, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
-    def load(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        return self.image_to_tensor(decode_image(source, max_pixels=max_pixels))
-
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

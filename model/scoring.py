@@ -17,45 +17,12 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .checkpoint import DEFAULT_WEIGHTS, CheckpointMeta, load_checkpoint
+from . import devices
+from .checkpoint import CheckpointMeta, load_checkpoint
+from .devices import resolve_device
 from .network import ResMemNet, ResMemNetConfig, available_profiles, check_profile, profile_score
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image
 from .quality import input_warnings
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
-    emulates bf16 and it is slower than fp32, so the scorer stays in fp32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    try:
-        return any(check() for check in checks if check is not None)
-    except RuntimeError:
-        return False
-
-
-def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
-    """The trunk's reduced precision on this device, or None for fp32: fp16 on CUDA, bf16 on a
-    CPU with native bf16 (1.7x faster than fp32 on an AVX512-BF16 machine, shipped scores within ~2e-3)."""
-    if not mixed_precision:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
 
 
 @dataclass
@@ -79,7 +46,7 @@ class Scorer:
     """A loaded model plus its preprocessing, on one device.
 
     backend "torch" runs the model; "onnxruntime" runs its ONNX export on the CPU (runner: a
-    model.backends.OnnxRuntimeRunner) and loads the torch model only when something asks for
+    model.engines.OnnxRuntimeRunner) and loads the torch model only when something asks for
     `model` (heatmaps, score profiles other than "default"), from `weights`.
     """
 
@@ -102,7 +69,7 @@ class Scorer:
         self.max_batch = max(1, int(max_batch))
         # Reduced precision for the trunk only (fp16 on CUDA, bf16 on CPUs that have it); the
         # head always runs in fp32.
-        self.autocast_dtype = autocast_dtype(self.device, mixed_precision)
+        self.autocast_dtype = devices.autocast_dtype(self.device, mixed_precision)
         self.mixed_precision = self.autocast_dtype is not None
         if self.device.type == "cuda" and not self.mixed_precision:
             # fp32 on request means fp32: cuDNN's default TF32 convolutions moved scores by 1.2e-3
@@ -130,15 +97,18 @@ class Scorer:
         self._model = value
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, *, backend: str | None = None,
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, *, backend: str | None = None,
                         **kwargs) -> "Scorer":
-        """backend: "torch" | "onnxruntime" | "auto" (model.backends.pick_backend; torch if ONNX Runtime
-        cannot run the checkpoint) | None ($RESMEMNET_BACKEND, else model.backends.DEFAULT_BACKEND).
-        model.backends.BackendError (a ValueError) when unknown or not installed."""
-        from .backends import BackendError, OrtOptions, check_backend, onnxruntime_runner, pick_backend
+        """path: the checkpoint's .json (default: model.environment.default_weights()).
+        backend: "torch" | "onnxruntime" | "auto" (model.engines.pick_backend; torch if ONNX Runtime
+        cannot run the checkpoint) | None ($RESMEMNET_BACKEND, else model.engines.DEFAULT_BACKEND).
+        model.engines.BackendError (a ValueError) when unknown or not installed."""
+        from .engines import BackendError, OrtOptions, check_backend, onnxruntime_runner, pick_backend
+        from .environment import default_weights
 
+        path = default_weights() if path is None else path
         choice = check_backend(backend)
-        native_bf16 = kwargs.get("mixed_precision", True) and cpu_has_native_bf16()
+        native_bf16 = kwargs.get("mixed_precision", True) and devices.cpu_has_native_bf16()
         device_type = resolve_device(kwargs.get("device", "auto")).type
         if pick_backend(choice, device_type, native_bf16=native_bf16) == "onnxruntime":
             try:

@@ -43,7 +43,7 @@ def make_image(path: Path | None = None, size=(120, 90), mode="RGB", fmt="JPEG",
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A ResNet-50 ResMem-Net with a random trunk, embedded, at a small input size (fast on CPU)."""
-    from model.backbones import TrunkSource
+    from model.trunks import TrunkSource
     from model.checkpoint import CheckpointMeta, save_checkpoint
     from model.network import build_resmemnet
     from model.preprocess import Preprocessing, ResizePolicy

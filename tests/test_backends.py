@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_image
-from model.backends import BackendError, check_backend
+from model.engines import BackendError, check_backend
 from model.scoring import Scorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "private_cache")
@@ -158,7 +158,7 @@ def test_shipped_checkpoint_onnxruntime_equals_torch_on_real_photos():
 
 
 def test_auto_prefers_onnxruntime_on_a_cpu(monkeypatch):
-    import model.backends as backends
+    import model.engines as backends
 
     monkeypatch.setattr(backends, "engine_installed", lambda: True)
     assert backends.pick_backend("auto", "cpu") == "onnxruntime"
@@ -171,7 +171,7 @@ def test_auto_prefers_onnxruntime_on_a_cpu(monkeypatch):
 
 
 def test_auto_falls_back_to_torch_when_the_export_fails(tiny_checkpoint, monkeypatch):
-    import model.backends as backends
+    import model.engines as backends
 
     def broken(*_a, **_k):
         raise BackendError("the onnxruntime backend cannot run this checkpoint: test")
@@ -186,7 +186,7 @@ def test_auto_falls_back_to_torch_when_the_export_fails(tiny_checkpoint, monkeyp
 
 def test_optimized_graph_is_cached_and_checked(tiny_checkpoint):
     pytest.importorskip("onnxruntime")
-    from model.backends import onnxruntime_runner
+    from model.engines import onnxruntime_runner
 
     x = np.random.default_rng(5).random((2, 3, 64, 96), dtype=np.float32)
     first = onnxruntime_runner(tiny_checkpoint)

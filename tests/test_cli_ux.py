@@ -149,12 +149,13 @@ def test_info_json_has_everything_but_machine_paths(checkpoint_with_machine_path
 def test_parameter_counts_from_the_tensor_file_match_the_built_models(tiny_checkpoint):
     """info counts parameters from the tensor file's header; the models built in torch agree."""
     from app.cli_score import TRUNK_PARAMETERS, parameter_counts
-    from model.checkpoint import DEFAULT_WEIGHTS, read_meta
+    from model.checkpoint import read_meta
+    from model.environment import SHIPPED_WEIGHTS
     from model.network import ResMemNet, build_resmemnet, count_parameters
 
     for backbone, n in TRUNK_PARAMETERS.items():
         assert count_parameters(build_resmemnet(backbone=backbone).trunk) == n
-    for path in (tiny_checkpoint, DEFAULT_WEIGHTS):  # an embedded trunk and LSTM head; a package trunk and readout head
+    for path in (tiny_checkpoint, SHIPPED_WEIGHTS):  # an embedded trunk and LSTM head; a package trunk and readout head
         meta = read_meta(path)
         model = ResMemNet(meta.architecture)
         assert parameter_counts(meta, Path(path).parent / meta.tensors_file) == {

@@ -205,11 +205,12 @@ def test_shipped_checkpoint_triton_repository(tmp_path):
     """The shipped checkpoint (trunk from the resmem package) as a Triton repository."""
     pytest.importorskip("tritonclient")
     pytest.importorskip("resmem")
-    from model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint
+    from model.checkpoint import load_checkpoint
+    from model.environment import SHIPPED_WEIGHTS
 
-    model_dir = write_triton_repository(DEFAULT_WEIGHTS, tmp_path / "repo")
+    model_dir = write_triton_repository(SHIPPED_WEIGHTS, tmp_path / "repo")
     cfg = parse_triton_config((model_dir / "config.pbtxt").read_text())
-    model, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    model, meta = load_checkpoint(SHIPPED_WEIGHTS)
     size = meta.preprocessing.resize.size
     assert list(cfg.input[0].dims) == [3, size, size]
     x = images(2, size, size)

@@ -9,9 +9,7 @@ from tests.conftest import make_image
 
 def test_heatmap_without_weights_uses_the_default_checkpoint(tiny_checkpoint, tmp_path, monkeypatch,
                                                              one_torch_thread, capsys):
-    import model.checkpoint
-
-    monkeypatch.setattr(model.checkpoint, "DEFAULT_WEIGHTS", tiny_checkpoint)
+    monkeypatch.setenv("RESMEMNET_WEIGHTS", str(tiny_checkpoint))
     folder = tmp_path / "photos"
     folder.mkdir()
     make_image(folder / "a.jpg")

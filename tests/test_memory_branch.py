@@ -99,7 +99,7 @@ def test_resmemnet_with_branch_reads_58_taps(branched_net):
 def test_branch_is_never_trained_and_never_saved(branched_net, tmp_path):
     from safetensors import safe_open
 
-    from model.backbones import TrunkSource
+    from model.trunks import TrunkSource
     from model.checkpoint import CheckpointMeta, save_checkpoint
     from model.preprocess import Preprocessing, ResizePolicy
 
@@ -150,7 +150,7 @@ def test_branch_score_equals_the_package_layers_on_our_trunk(monkeypatch):
     import resmem
     import torchvision
 
-    from model.backbones import read_state_dict, resmem_source, resolve_weight_file
+    from model.trunks import read_state_dict, resmem_source, resolve_weight_file
     from model.network import build_resmemnet
 
     source = resmem_source()

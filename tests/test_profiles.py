@@ -40,7 +40,7 @@ def profile_checkpoint(tmp_path_factory):
     """A random ResNet-50 with a gated readout head (labelled, teacher and domain outputs) and
     reference quantiles for every profile. The readout is set so that the three outputs vary
     around 0.6, 0.4 and 0.5 from photo to photo, and the profiles' scores differ."""
-    from model.backbones import TrunkSource
+    from model.trunks import TrunkSource
     from model.checkpoint import CheckpointMeta, save_checkpoint
     from model.network import build_resmemnet
     from model.preprocess import Preprocessing, ResizePolicy, decode_image

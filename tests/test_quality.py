@@ -292,7 +292,7 @@ def test_scorer_results_carry_warnings_and_percentile(tiny_checkpoint, tmp_path,
 # ---- CheckpointMeta.percentile ---------------------------------------------------------------
 
 def _meta(quantiles):
-    from model.backbones import TrunkSource
+    from model.trunks import TrunkSource
     from model.checkpoint import CheckpointMeta
     from model.network import ResMemNetConfig
     from model.preprocess import Preprocessing

@@ -66,12 +66,12 @@ def test_scores_do_not_depend_on_batch_or_company(tmp_path, tiny_checkpoint):
 def test_precision_follows_the_cpu_and_fp32_is_a_choice(tmp_path, tiny_checkpoint, monkeypatch):
     import torch
 
-    from model import scoring
+    from model import devices
 
     assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False).autocast_dtype is None
-    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only CPU: bf16 is emulated
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only CPU: bf16 is emulated
     assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu").autocast_dtype is None
-    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     mixed = Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
     fp32 = Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False)
     assert mixed.autocast_dtype == torch.bfloat16 and mixed.mixed_precision

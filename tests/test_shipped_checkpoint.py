@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from model.backbones import installed_version
-from model.checkpoint import DEFAULT_WEIGHTS, load_checkpoint, read_meta
+from model.checkpoint import load_checkpoint, read_meta
+from model.environment import SHIPPED_WEIGHTS, installed_version
 from tests.conftest import SHARED_DATA, make_image
 
-WEIGHTS = DEFAULT_WEIGHTS
+WEIGHTS = SHIPPED_WEIGHTS
 
 
 def test_metadata_is_complete_and_tensors_fit_the_limit():

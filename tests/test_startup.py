@@ -91,26 +91,27 @@ def old_file(path, data: bytes, age_s: float = 3600):
 
 
 def test_hash_record_spares_rereading_an_unchanged_file(cache, tmp_path, monkeypatch):
-    from model import backbones
+    from model import filecache
 
     path = old_file(tmp_path / "trunk.bin", b"a" * 4096)
-    digest = backbones.sha256_file(path)
-    assert backbones.verified_sha256(path) == digest
-    record = json.loads((cache / backbones.HASH_RECORD).read_text())
+    digest = filecache.sha256_file(path)
+    assert filecache.verified_sha256(path) == digest
+    record = json.loads((cache / filecache.HASH_RECORD).read_text())
     assert record[os.path.realpath(path)]["sha256"] == digest
 
     def no_reading(*_a, **_k):
         raise AssertionError("the file was read again although it did not change")
 
-    monkeypatch.setattr(backbones, "sha256_file", no_reading)
-    assert backbones.verified_sha256(path) == digest
+    monkeypatch.setattr(filecache, "sha256_file", no_reading)
+    assert filecache.verified_sha256(path) == digest
 
 
 def test_modified_trunk_file_is_refused_despite_the_record(cache, tmp_path):
     """Same size, mtime set back to the recorded one: ctime (and the content) still give it away."""
     import torch
 
-    from model.backbones import TrunkLoadError, file_source, resolve_weight_file, sha256_file
+    from model.filecache import sha256_file
+    from model.trunks import TrunkLoadError, file_source, resolve_weight_file
 
     path = tmp_path / "trunk.pt"
     torch.save({"w": torch.zeros(256)}, path)
@@ -130,7 +131,7 @@ def test_modified_trunk_file_is_refused_despite_the_record(cache, tmp_path):
 
 
 def test_replaced_file_is_rehashed(cache, tmp_path):
-    from model.backbones import sha256_file, verified_sha256
+    from model.filecache import sha256_file, verified_sha256
 
     path = old_file(tmp_path / "f.bin", b"x" * 1000)
     first = verified_sha256(path)
@@ -142,7 +143,7 @@ def test_replaced_file_is_rehashed(cache, tmp_path):
 
 
 def test_freshly_written_file_is_not_recorded(cache, tmp_path):
-    from model.backbones import HASH_RECORD, verified_sha256
+    from model.filecache import HASH_RECORD, verified_sha256
 
     path = tmp_path / "new.bin"
     path.write_bytes(b"z" * 100)
@@ -151,7 +152,7 @@ def test_freshly_written_file_is_not_recorded(cache, tmp_path):
 
 
 def test_unwritable_or_corrupt_record_only_costs_time(tmp_path, monkeypatch):
-    from model.backbones import HASH_RECORD, sha256_file, verified_sha256
+    from model.filecache import HASH_RECORD, sha256_file, verified_sha256
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")

@@ -109,7 +109,7 @@ def test_feature_table_augmentations_of_and_default():
 @pytest.mark.parametrize("weighting", ["stage", "channel", "stage_ends", "last"])
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
 def test_output_tap_weights_split_the_kernel_between_trunk_and_branch(weighting, share):
-    from model.backbones import BLOCKS_PER_STAGE
+    from model.trunks import BLOCKS_PER_STAGE
     from model.network import ResMemNetConfig
     from model.training.readout import output_tap_weights, tap_weights
 

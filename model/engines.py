@@ -15,19 +15,22 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from .environment import backend_setting
+from .errors import InputError
+
 BACKENDS = ("torch", "onnxruntime")
 # "auto": onnxruntime on a CPU where it is installed and torch would run fp32 (faster at the
 # same scores: docs/benchmarks.md); torch on CUDA, on CPUs with native bf16 (unless fp32 is
 # asked for), or without the engine.
 CHOICES = ("auto", *BACKENDS)
 # The library's and the service's default (Scorer.from_checkpoint without a backend and without
-# $RESMEMNET_BACKEND); `resmemnet score` defaults to "auto".
+# $RESMEMNET_BACKEND, RESMEMNET_BACKEND in app/settings.py); `resmemnet score` defaults to CLI_DEFAULT_BACKEND.
 DEFAULT_BACKEND = "torch"
-BACKEND_ENV = "RESMEMNET_BACKEND"
+CLI_DEFAULT_BACKEND = "auto"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-class BackendError(ValueError):
+class BackendError(InputError):
     """An unknown backend, or one whose engine is not installed or cannot run here."""
 
 
@@ -40,7 +43,7 @@ def engine_installed() -> bool:
 def check_backend(name: str | None) -> str:
     """The backend asked for: `name`, else $RESMEMNET_BACKEND, else DEFAULT_BACKEND (one of
     CHOICES); BackendError if it is unknown, or onnxruntime without its engine installed."""
-    name = (name or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND).strip().lower()
+    name = backend_setting(name, default=DEFAULT_BACKEND)
     if name not in CHOICES:
         raise BackendError(f"unknown backend {name!r}; choose from {', '.join(CHOICES)}")
     if name == "onnxruntime" and not engine_installed():
@@ -155,7 +158,7 @@ def cpu_identity() -> str:
 
 
 def _valid_optimized(path: Path, source_sha256: str) -> bool:
-    from .backbones import verified_sha256
+    from .filecache import verified_sha256
 
     try:
         info = json.loads(path.with_suffix(".json").read_text())
@@ -166,7 +169,7 @@ def _valid_optimized(path: Path, source_sha256: str) -> bool:
 
 def _keep_optimized(tmp: Path, final: Path, source_sha256: str) -> None:
     """Move a freshly saved optimised graph into place with its sidecar; a failure only costs time."""
-    from .backbones import sha256_file
+    from .filecache import sha256_file
 
     try:
         digest = sha256_file(tmp)

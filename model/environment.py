@@ -1,0 +1,52 @@
+"""What the process was started with, as the model package sees it: the `RESMEMNET_*` variables
+it honours and the versions of installed packages.
+
+Every variable is read here, by `env_value`, when it is needed (never at import), so a test or a
+caller that sets it later is heard. The service reads its own settings through the same function
+(app/settings.py). Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+ENV_PREFIX = "RESMEMNET_"
+# The checkpoint that ships in the repository (weights/); RESMEMNET_WEIGHTS names another.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "resmemnet-default.json"
+
+
+def env_name(setting: str) -> str:
+    """'max_batch_size' -> 'RESMEMNET_MAX_BATCH_SIZE'."""
+    return ENV_PREFIX + setting.upper()
+
+
+def env_value(setting: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of RESMEMNET_<SETTING> (surrounding blanks removed), or None when it is unset or
+    blank. `environ` defaults to the process environment."""
+    raw = (os.environ if environ is None else environ).get(env_name(setting))
+    if raw is None or not raw.strip():
+        return None
+    return raw.strip()
+
+
+def default_weights(environ: Mapping[str, str] | None = None) -> Path:
+    """The checkpoint a command uses without --weights: $RESMEMNET_WEIGHTS, else the shipped one."""
+    value = env_value("weights", environ)
+    return Path(value) if value else SHIPPED_WEIGHTS
+
+
+def backend_setting(name: str | None, *, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """The inference backend asked for: `name` (a flag or argument), else $RESMEMNET_BACKEND,
+    else `default`, lower-cased. Checked by model.engines.check_backend."""
+    return (name or env_value("backend", environ) or default).strip().lower()
+
+
+def installed_version(package: str = "resmemnet") -> str | None:
+    """An installed distribution's version from its metadata (nothing is imported), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
