@@ -12,9 +12,8 @@ go first, oldest first, so a rare shape is never starved into its deadline. Whil
 new images pile up and the next batch forms from them without extra waiting.
 
 Score profiles: every image names the profile it wants (model.network.PROFILES). Profiles do
-not split batches: a batch of default images runs `run_batch`; a batch with any other profile
-in it runs `run_profiles` once for the profiles it holds (the trunk once, only the head's
-combination differs) and each image takes its own profile's column.
+not split batches: `score_batch` gets each image's profile and gives each its own profile's
+score from one pass (Scorer.score_batch: the trunk once, only the head's combination differs).
 
 Admission is bounded: `admit(n)` reserves n places (decoding + waiting) or raises
 `QueueFullError` at once, so overload answers 503 instead of a growing queue. Two bounds: a
@@ -36,14 +35,16 @@ from typing import Callable, Sequence
 
 import torch
 
+from model.errors import ResMemNetError
+
 log = logging.getLogger("resmemnet.batcher")
 
 
-class QueueFullError(Exception):
+class QueueFullError(ResMemNetError):
     """No room in the queue for the images of this request."""
 
 
-class BatcherClosedError(Exception):
+class BatcherClosedError(ResMemNetError):
     """The batcher is shutting down and takes no new work."""
 
 
@@ -55,7 +56,6 @@ class BatchResult:
     batch_size: int
 
 
-# The profile `run_batch` scores; any other needs `run_profiles`.
 DEFAULT_PROFILE = "default"
 
 
@@ -97,19 +97,17 @@ class Admission:
 
 
 class DynamicBatcher:
-    """Gathers (3, H, W) tensors from concurrent requests into batched calls of `run_batch`.
+    """Gathers (3, H, W) tensors from concurrent requests into batched calls of `score_batch`.
 
-    `run_batch(stacked: Tensor[B, 3, H, W]) -> sequence of B floats` (the default profile's
-    scores) and `run_profiles(stacked, names) -> (B, len(names))` (those profiles' scores, for a
-    batch holding any other profile; None: only the default is taken) run in the worker thread.
+    `score_batch(stacked: Tensor[B, 3, H, W], profiles: list of B names) -> sequence of B floats`, each
+    image's score in its own (already checked) profile, runs in the worker thread: the service
+    passes model.scoring.Scorer.score_batch. A batch may mix profiles; it is one pass.
     """
 
-    def __init__(self, run_batch: Callable[[torch.Tensor], Sequence[float]], *, max_batch_size: int = 32,
-                 max_wait_s: float = 0.005, max_queue: int = 128, max_starvation_s: float = 5.0, metrics=None,
-                 max_queued_work_s: float | None = None, thread_name: str = "resmemnet-model",
-                 run_profiles: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None):
-        self.run_batch = run_batch
-        self.run_profiles = run_profiles
+    def __init__(self, score_batch: Callable[[torch.Tensor, Sequence[str]], Sequence[float]], *,
+                 max_batch_size: int = 32, max_wait_s: float = 0.005, max_queue: int = 128, max_starvation_s: float = 5.0, metrics=None,
+                 max_queued_work_s: float | None = None, thread_name: str = "resmemnet-model"):
+        self.score_batch = score_batch
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.max_queue = max(1, int(max_queue))
@@ -192,8 +190,6 @@ class DynamicBatcher:
     def _enqueue(self, tensors: Sequence[torch.Tensor], profile: str = DEFAULT_PROFILE) -> list[asyncio.Future]:
         if self._task is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
-        if profile != DEFAULT_PROFILE and self.run_profiles is None:
-            raise ValueError(f"profile {profile!r}: this batcher scores only the {DEFAULT_PROFILE!r} profile")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
@@ -330,14 +326,7 @@ class DynamicBatcher:
 
     def _forward(self, tensors: list[torch.Tensor], profiles: list[str]) -> list[float]:
         """Each image's score in its own profile, from one pass over the stacked batch."""
-        stacked = torch.stack(tensors)
-        wanted = list(dict.fromkeys(profiles))
-        if wanted == [DEFAULT_PROFILE]:
-            scores = self.run_batch(stacked)
-        else:
-            table = self.run_profiles(stacked, wanted)  # (B, len(wanted))
-            column = {name: i for i, name in enumerate(wanted)}
-            scores = [row[column[name]] for row, name in zip(table.tolist(), profiles)]
+        scores = self.score_batch(torch.stack(tensors), profiles)
         scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
         if len(scores) != len(tensors):
             raise RuntimeError(f"the model returned {len(scores)} scores for {len(tensors)} images")

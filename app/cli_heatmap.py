@@ -21,8 +21,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="folder for the output files")
     add_weights_arg(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--layer", default="layer4", type=layer_spec, metavar="LAYER",
-                   help="trunk stage: layer4 (default), layer3, layer2, layer1, a comma list, or all (average)")
+    p.add_argument("--layer", default=None, type=layer_spec, metavar="LAYER",
+                   help="trunk stage: layer4, layer3, layer2, layer1, a comma list (their maps' mean), or all; "
+                        "default layer3,layer4")
     p.add_argument("--alpha", default=0.5, type=unit_float, help="heatmap weight in the blend, 0..1 (default 0.5)")
     p.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
     add_profile_arg(p)  # the map explains that profile's score
@@ -69,9 +70,8 @@ def output_stems(files: list[str]) -> dict[str, str]:
 def run_heatmap(args) -> int:
     import numpy as np
 
-    from model.gradram import heatmap_for_image
     from model.overlay import heatmap_png, overlay_png
-    from model.preprocess import ImageDecodeError, decode_image
+    from model.preprocess import ImageDecodeError
     from model.scoring import collect_inputs
 
     files, missing = collect_inputs(args.paths)
@@ -91,15 +91,14 @@ def run_heatmap(args) -> int:
     stems = output_stems(files)
     for path in files:
         try:
-            img = decode_image(path)
-            result = heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=args.layer,
-                                       autocast_dtype=scorer.autocast_dtype, profile=profile)
+            prepared = scorer.prepare(path, keep_image=True)
+            result = scorer.heatmap(prepared, layers=args.layer, profile=profile)
         except ImageDecodeError as exc:
             print(f"{path}: error: {exc.message} ({exc.reason})", file=sys.stderr)
             failed += 1
             continue
         target = out_dir / f"{stems[path]}.overlay.png"
-        target.write_bytes(overlay_png(img, result.heatmap, alpha=args.alpha, colormap=args.colormap))
+        target.write_bytes(overlay_png(prepared.image, result.heatmap, alpha=args.alpha, colormap=args.colormap))
         if args.raw:
             (out_dir / f"{stems[path]}.heatmap.png").write_bytes(heatmap_png(result.heatmap))
             np.save(out_dir / f"{stems[path]}.heatmap.npy", result.heatmap, allow_pickle=False)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
@@ -16,6 +15,11 @@ from .body_limit import SCOPE_MULTIPART_COMPLETE
 from .errors import SCOPE_FORM_FIELDS, SCOPE_UNCOUNTED, ServiceError, count_file_error, error_body, from_decode_error
 from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, ModelInfo, ReadyResponse, ScoreResponse,
                       Timing, error_responses)
+
+if TYPE_CHECKING:
+    from model.scoring import PreparedInput
+
+    from .service import ServiceState
 
 router = APIRouter()
 
@@ -32,16 +36,14 @@ def profile_query():
 
 
 @dataclass
-class Prepared:
-    tensor: torch.Tensor | None
-    width: int
-    height: int
+class Decoded:
+    """An upload made ready by the Scorer (model.scoring.PreparedInput), and how long that took."""
+
+    input: PreparedInput
     decode_s: float
-    warnings: list[str]  # model.quality codes: inputs the model cannot judge
-    image: object = None  # the decoded PIL image, kept for heatmaps only
 
 
-def _state(request: Request):
+def _state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
@@ -115,30 +117,25 @@ def _name(upload: UploadFile) -> str:
     return repr(upload.filename) if upload.filename else "the upload"
 
 
-async def _decode(state, upload: UploadFile, *, to_tensor: bool = True) -> Prepared:
-    """Decode (and preprocess) an upload in the decode pool; ImageDecodeError -> ServiceError.
-    to_tensor=False keeps the decoded image instead of the tensor (heatmaps)."""
-    from model.preprocess import ImageDecodeError, decode_image
-    from model.quality import input_warnings
+async def _decode(state, upload: UploadFile, *, keep_image: bool = False) -> Decoded:
+    """Scorer.prepare of an upload, in the decode pool; ImageDecodeError -> ServiceError.
+    keep_image: keep the decoded image too (heatmaps)."""
+    from model.preprocess import ImageDecodeError
 
     data = await _read_upload(state, upload)
     max_pixels = state.settings.max_pixels
-    preprocessing = state.scorer.preprocessing
+    scorer = state.scorer
 
     def work():
         started = time.perf_counter()
-        img = decode_image(data, max_pixels=max_pixels)
-        warns = input_warnings(img)
-        if not to_tensor:
-            return Prepared(None, img.width, img.height, time.perf_counter() - started, warns, img)
-        tensor = preprocessing.image_to_tensor(img)
-        return Prepared(tensor, img.width, img.height, time.perf_counter() - started, warns)
+        prepared = scorer.prepare(data, max_pixels=max_pixels, keep_image=keep_image)
+        return Decoded(prepared, time.perf_counter() - started)
 
     try:
         result = await asyncio.get_running_loop().run_in_executor(state.preprocess_pool, work)
     except ImageDecodeError as exc:
         raise from_decode_error(exc) from None
-    if to_tensor:
+    if not keep_image:  # the metric is of what a scored image costs
         state.metrics.preprocess_time.observe(result.decode_s)
     return result
 
@@ -153,8 +150,7 @@ def _profile(state, profile: str) -> str:
 
 def _percentile(state, score: float, profile: str) -> float | None:
     """The score's rank among the checkpoint's reference photos by the profile's quantiles (None without)."""
-    rank = getattr(state.scorer, "percentile", None)
-    return rank(score, profile) if rank is not None else None
+    return state.scorer.percentile(score, profile)
 
 
 async def _await_deadline(awaitable, deadline: float):
@@ -176,7 +172,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def _timing(prepared: Prepared, result, total_s: float) -> Timing:
+def _timing(prepared: Decoded, result, total_s: float) -> Timing:
     return Timing(total_ms=_ms(total_s), decode_ms=_ms(prepared.decode_s), queue_ms=_ms(result.queue_wait_s),
                   model_ms=_ms(result.model_s), batch_size=result.batch_size)
 
@@ -198,14 +194,15 @@ async def score(request: Request, file: UploadFile = File(..., description=IMAGE
     profile = _profile(state, profile)
     deadline = started + state.settings.request_timeout_s
     with _admit(state, 1) as admission:
-        prepared = await _decode(state, file)
-        future = admission.submit([prepared.tensor], profile)[0]
+        decoded = await _decode(state, file)
+        future = admission.submit([decoded.input.tensor], profile)[0]
     result = await _await_deadline(future, deadline)
     total = time.perf_counter() - started
+    image = decoded.input
     return ScoreResponse(score=result.score, profile=profile, percentile=_percentile(state, result.score, profile),
-                         warnings=prepared.warnings, filename=file.filename, width=prepared.width,
-                         height=prepared.height, model=ModelInfo(**state.model_info), elapsed_ms=_ms(total),
-                         timing=_timing(prepared, result, total))
+                         warnings=image.warnings, filename=file.filename, width=image.width,
+                         height=image.height, model=ModelInfo(**state.model_info), elapsed_ms=_ms(total),
+                         timing=_timing(decoded, result, total))
 
 
 @router.post("/score/batch", response_model=BatchResponse, tags=["scoring"], summary="Score several images",
@@ -233,8 +230,8 @@ async def score_batch(request: Request,
         for outcome in decoded:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
                 raise outcome
-        good = [i for i, outcome in enumerate(decoded) if isinstance(outcome, Prepared)]
-        futures = admission.submit([decoded[i].tensor for i in good], profile)
+        good = [i for i, outcome in enumerate(decoded) if isinstance(outcome, Decoded)]
+        futures = admission.submit([decoded[i].input.tensor for i in good], profile)
     results = dict(zip(good, await _await_deadline(asyncio.gather(*futures), deadline)))
     total = time.perf_counter() - started
     items = []
@@ -244,9 +241,10 @@ async def score_batch(request: Request,
             items.append(BatchItem(index=i, filename=upload.filename, ok=False, error=ErrorDetail(**outcome.body()["error"])))
         else:
             result = results[i]
+            image = outcome.input
             items.append(BatchItem(index=i, filename=upload.filename, ok=True, score=result.score,
-                                   percentile=_percentile(state, result.score, profile), warnings=outcome.warnings,
-                                   width=outcome.width, height=outcome.height, timing=_timing(outcome, result, total)))
+                                   percentile=_percentile(state, result.score, profile), warnings=image.warnings,
+                                   width=image.width, height=image.height, timing=_timing(outcome, result, total)))
     return BatchResponse(model=ModelInfo(**state.model_info), profile=profile, elapsed_ms=_ms(total),
                          scored=len(good), failed=len(files) - len(good), results=items)
 
@@ -282,7 +280,8 @@ async def heatmap(
     alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap"),
     colormap: str | None = Query(None, description="colormap name (default: inferno for overlays, "
                                                    "grey for maps)", max_length=32),
-    layer: str = Query("layer4", description="trunk stage(s): layer1..layer4, a comma list, or all", max_length=64),
+    layer: str | None = Query(None, description="trunk stage(s): layer1..layer4, a comma list, or all "
+                                                "(default: layer3,layer4, the mean of their maps)", max_length=64),
     profile: str = profile_query(),
     _form: None = form_fields("file", many=False, query=("format", "alpha", "colormap", "layer", "profile")),
 ) -> Response:
@@ -297,12 +296,11 @@ async def heatmap(
     started = time.perf_counter()
     state.require_ready()
     profile = _profile(state, profile)
+    from model import overlay
+    from model.gradram import parse_layers
+
     try:
-        from model import gradram, overlay
-    except ImportError as exc:
-        raise ServiceError("internal", f"heatmaps are not available in this build ({exc})") from None
-    try:
-        layers = gradram.parse_layers(layer)
+        layers = None if layer is None else parse_layers(layer)
     except ValueError as exc:
         raise ServiceError("invalid_request", f"layer: {exc}") from None
     _check_colormap(colormap)
@@ -314,15 +312,14 @@ async def heatmap(
     scorer = state.scorer
     slot = _HeatmapSlot(state, loop)
     try:
-        decoded = await _decode(state, file, to_tensor=False)
-        img = decoded.image
+        decoded = await _decode(state, file, keep_image=True)
+        img = decoded.input.image
 
         def work():
             t0 = time.perf_counter()
-            result = gradram.heatmap_for_image(scorer.model, scorer.preprocessing, img, layer=",".join(layers),
-                                                autocast_dtype=scorer.autocast_dtype, profile=profile)
+            result = scorer.heatmap(decoded.input, layers=layers, profile=profile)
             if output == "overlay":
-                png = overlay.overlay_png(img, result.heatmap, alpha=alpha, colormap=colormap or "inferno")
+                png = overlay.overlay_png(img, result.heatmap, alpha=alpha, colormap=colormap or overlay.DEFAULT_COLORMAP)
             else:
                 png = overlay.heatmap_png(result.heatmap, colormap=colormap)
             state.metrics.heatmap_time.observe(time.perf_counter() - t0)
@@ -341,7 +338,7 @@ async def heatmap(
         "X-Memorability-Score": f"{score_value:.8f}",
         "X-Profile": profile,
         "X-Percentile": "" if percentile is None else f"{percentile:g}",
-        "X-Warnings": ",".join(decoded.warnings),
+        "X-Warnings": ",".join(decoded.input.warnings),
         "X-Model": f"{state.model_info['name']}@{state.model_info['version']}",
         "X-Image-Width": str(img.width), "X-Image-Height": str(img.height),
         "X-Elapsed-Ms": f"{_ms(time.perf_counter() - started)}",

@@ -12,6 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -21,6 +22,9 @@ from .errors import ServiceError, install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .settings import ServiceSettings
 from .shutdown import ShutdownGuardMiddleware
+
+if TYPE_CHECKING:  # the model (and torch) is loaded in the background, never at import
+    from model.scoring import Scorer
 
 log = logging.getLogger("resmemnet.service")
 
@@ -50,7 +54,7 @@ class ServiceState:
         self.metrics = metrics
         self.phase = "starting"
         self.load_error: str | None = None
-        self.scorer = None
+        self.scorer: Scorer | None = None  # set once loaded; every model call goes through it
         self.batcher: DynamicBatcher | None = None
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="resmemnet-decode")
         self.heatmap_pool = ThreadPoolExecutor(settings.heatmap_concurrency, thread_name_prefix="resmemnet-heatmap")
@@ -59,7 +63,7 @@ class ServiceState:
         self._ready_event: asyncio.Event | None = None
 
     # -- start-up ----------------------------------------------------------------------------
-    async def start(self, scorer=None) -> None:
+    async def start(self, scorer: Scorer | None = None) -> None:
         self._ready_event = asyncio.Event()
         self._loader = asyncio.get_running_loop().create_task(self._load(scorer), name="resmemnet-load")
 
@@ -71,7 +75,7 @@ class ServiceState:
             return False
         return self.phase == "ready"
 
-    async def _load(self, scorer) -> None:
+    async def _load(self, scorer: Scorer | None) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -82,9 +86,7 @@ class ServiceState:
                     scorer = await loop.run_in_executor(pool, self._load_scorer)
             self.scorer = scorer
             self.batcher = DynamicBatcher(
-                lambda batch: scorer.score_tensor_batch(batch),
-                # a batch mixing profiles: the trunk once, every profile it holds from the head's outputs
-                run_profiles=lambda batch, names: scorer.profile_score_batch(batch, names),
+                scorer.score_batch,  # a batch mixing profiles is still one pass of the trunk
                 max_batch_size=self.settings.max_batch_size, max_wait_s=self.settings.max_wait_ms / 1000.0,
                 max_queue=self.settings.queue_size, metrics=None,
                 # past a quarter of the deadline, fairness beats batch size
@@ -111,7 +113,7 @@ class ServiceState:
         finally:
             self._ready_event.set()
 
-    def _load_scorer(self):
+    def _load_scorer(self) -> Scorer:
         from model.scoring import Scorer
 
         configure_torch_threads(self.settings.torch_threads)
@@ -123,12 +125,10 @@ class ServiceState:
         """Run the common input shapes once (single and batched) so first requests pay no set-up cost."""
         import torch
 
-        policy = self.scorer.preprocessing.resize
-        shapes = {policy.output_size(policy.size, policy.size), policy.output_size(4 * policy.size, 3 * policy.size)}
         sizes = sorted({1, min(4, self.settings.max_batch_size)})
-        for w, h in sorted(shapes):
+        for shape in self.scorer.typical_input_shapes():
             for n in sizes:
-                tensors = [torch.full((3, h, w), 0.5) for _ in range(n)]
+                tensors = [torch.full(shape, 0.5) for _ in range(n)]
                 with self.batcher.admit(n) as admission:
                     futures = admission.submit(tensors)
                 results = await asyncio.gather(*futures)
@@ -136,13 +136,12 @@ class ServiceState:
                     raise RuntimeError(f"warm-up produced scores outside [0, 1]: {[r.score for r in results]}")
 
     def _publish_info(self) -> None:
-        info = self.model_info
-        meta = getattr(self.scorer, "meta", None)
+        scorer = self.scorer
         self.metrics.model_info.info({
-            **info,
-            "backbone": getattr(getattr(meta, "architecture", None), "backbone", "unknown"),
-            "mixed_precision": str(bool(getattr(self.scorer, "mixed_precision", False))).lower(),
-            "input_size": str(self.scorer.preprocessing.resize.size),
+            **self.model_info,
+            "backbone": scorer.config.backbone,
+            "mixed_precision": str(scorer.mixed_precision).lower(),
+            "input_size": str(scorer.input_size),
         })
         self.metrics.config_info.info({
             "max_batch_size": str(self.settings.max_batch_size), "max_wait_ms": str(self.settings.max_wait_ms),
@@ -151,11 +150,12 @@ class ServiceState:
 
     @property
     def model_info(self) -> dict:
-        meta = getattr(self.scorer, "meta", None)
+        """name, version and device of the served model (placeholders until it is loaded)."""
+        meta = self.scorer.meta if self.scorer is not None else None
         return {
-            "name": getattr(meta, "name", None) or "resmemnet",
-            "version": getattr(meta, "version", None) or "unknown",
-            "device": str(getattr(self.scorer, "device", "cpu")),
+            "name": (meta.name if meta else None) or "resmemnet",
+            "version": (meta.version if meta else None) or "unknown",
+            "device": str(self.scorer.device) if self.scorer is not None else "cpu",
         }
 
     # -- request gate ------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def configure_torch_threads(requested: int) -> int:
     return torch.get_num_threads()
 
 
-def create_app(settings: ServiceSettings | None = None, scorer=None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, scorer: Scorer | None = None) -> FastAPI:
     """The service app. `scorer` (a loaded model.scoring.Scorer) skips loading from `settings.weights`.
 
     /docs (Swagger UI) and /redoc load their scripts from /docs-assets, shipped by the

@@ -241,13 +241,21 @@ def heatmap_for_image(model, preprocessing, img, *, layer: str = "layer4", devic
     (the shared model is never moved). Pass a Scorer's `autocast_dtype` to get its exact score.
     `profile`: the score profile the map explains and `score` is of.
     """
-    layers = parse_layers(layer)
     if device is not None:
         wanted, actual = torch.device(device), _model_device(model)
         if wanted.type != actual.type or wanted.index not in (None, actual.index):
             raise ValueError(f"the model is on {actual}, not {wanted}; move it (or pass device=None)")
-    tensor = preprocessing.image_to_tensor(img)
-    maps, scores = grad_ram_maps(model, tensor[None], layers=layers, size=(img.height, img.width),
+    return heatmap_for_tensor(model, preprocessing.image_to_tensor(img), (img.width, img.height), layer=layer,
+                              autocast_dtype=autocast_dtype, profile=profile)
+
+
+def heatmap_for_tensor(model, tensor: torch.Tensor, image_size: tuple[int, int], *, layer="layer4",
+                       autocast_dtype: torch.dtype | None = None, profile: str = "default") -> HeatmapResult:
+    """Grad-RAM for one preprocessed image, (3, H, W) in [0, 1], mapped to image_size (width,
+    height): the photo the tensor was made from. As heatmap_for_image, without the preprocessing."""
+    layers = parse_layers(layer)
+    width, height = image_size
+    maps, scores = grad_ram_maps(model, tensor[None], layers=layers, size=(height, width),
                                  autocast_dtype=autocast_dtype, profile=profile)
     return HeatmapResult(
         score=float(scores[0]),

@@ -272,22 +272,24 @@ def available_profiles(cfg: ResMemNetConfig) -> tuple[str, ...]:
 
 
 def check_profile(cfg: ResMemNetConfig, profile: str) -> str:
-    """`profile`, or ValueError naming the profiles a model with this config has."""
+    """`profile`, or model.errors.InputError (a ValueError) naming the profiles a model with this config has."""
     if profile not in available_profiles(cfg):
+        from .errors import InputError
+
         shown = profile if len(str(profile)) <= 40 else f"{str(profile)[:40]}..."  # echo no huge values
-        raise ValueError(f"unknown profile {shown!r}; this model has {', '.join(available_profiles(cfg))}")
+        raise InputError(f"unknown profile {shown!r}; this model has {', '.join(available_profiles(cfg))}")
     return profile
 
 
 def profile_score(outputs: torch.Tensor, cfg: ResMemNetConfig, profile: str = "default") -> torch.Tensor:
-    """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); ValueError for a profile
-    this model has not got (check_profile)."""
-    check_profile(cfg, profile)
+    """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); check_profile's error for
+    a profile this model has not got (callers check once where a name enters; this is the backstop)."""
+    if profile == "default":
+        return blend_outputs(outputs, cfg)
+    check_profile(cfg, profile)  # general and outdoor need the teacher output
     if profile == "general":
         return soft_clamp(outputs[:, 1])
-    if profile == "outdoor":
-        return blend_outputs(outputs, replace(cfg, domain_gate=False))
-    return blend_outputs(outputs, cfg)
+    return blend_outputs(outputs, replace(cfg, domain_gate=False))  # outdoor
 
 
 def profile_scores(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:

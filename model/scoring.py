@@ -1,8 +1,11 @@
-"""Batch scoring: decoded images -> memorability scores, batched by input shape.
+"""The Scorer: the one door into a loaded model, for the service, the command line and scripts.
+
+It prepares an input (file path or bytes -> decoded image, tensor, warnings), scores batches
+for any of the model's score profiles, and makes Grad-RAM heatmaps. Nothing outside model/
+touches the network, its preprocessing or its precision directly.
 
 Images are grouped by the tensor shape the resize policy gives them, so a batch never needs
-padding and an image's score does not depend on what it is batched with. Used by the CLI
-scorer, the benchmark and the service's batch worker.
+padding and an image's score does not depend on what it is batched with.
 """
 from __future__ import annotations
 
@@ -13,16 +16,32 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from . import devices
 from .checkpoint import CheckpointMeta, load_checkpoint
 from .devices import resolve_device
+from .gradram import HeatmapResult, heatmap_for_tensor
 from .network import ResMemNet, ResMemNetConfig, available_profiles, check_profile, profile_score
 from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image
 from .quality import input_warnings
+
+# The stages a heatmap averages unless told otherwise: layer3's map (12x12 cells on the shipped
+# 192 px input) beside layer4's (6x6) is twice as fine as layer4 alone and keeps its regions;
+# chosen on overlays of real photos, cost in docs/benchmarks.md.
+DEFAULT_HEATMAP_LAYERS = ("layer3", "layer4")
+
+
+class PreparedInput(NamedTuple):
+    """One decoded, preprocessed input (Scorer.prepare)."""
+
+    tensor: torch.Tensor  # (3, H, W) float32 RGB in [0, 1] at the checkpoint's input size
+    width: int  # the decoded (upright) image's size, pixels
+    height: int
+    warnings: list[str]  # model.quality codes of what the model cannot judge (flat, text, multi_frame, ...)
+    image: object = None  # the decoded upright RGB PIL image with keep_image=True (to draw an overlay on), else None
 
 
 @dataclass
@@ -137,8 +156,21 @@ class Scorer:
         return available_profiles(self.config)
 
     def check_profile(self, profile: str) -> str:
-        """`profile`, or ValueError naming the profiles this model has."""
+        """`profile`, or model.errors.InputError (a ValueError) naming the profiles this model has.
+        Callers check a profile here once, where it enters (a request, a flag); the scoring
+        methods below take it as checked (an unknown one still fails, in model.network.profile_score)."""
         return check_profile(self.config, profile)
+
+    @property
+    def input_size(self) -> int:
+        """The resize policy's size in pixels (the square side, or the shorter side)."""
+        return self.preprocessing.resize.size
+
+    def typical_input_shapes(self) -> list[tuple[int, int, int]]:
+        """(3, H, W) tensor shapes of a square and of a 4:3 photo: what warm-up passes run."""
+        policy = self.preprocessing.resize
+        shapes = {policy.output_size(policy.size, policy.size), policy.output_size(4 * policy.size, 3 * policy.size)}
+        return [(3, h, w) for w, h in sorted(shapes)]
 
     @property
     def model_name(self) -> str:
@@ -166,7 +198,7 @@ class Scorer:
         the torch model (`model`, loaded on first use); the default column still comes from the
         runner. ValueError for a profile this model has not got.
         """
-        names = tuple(self.profiles if profiles is None else (self.check_profile(p) for p in profiles))
+        names = tuple(self.profiles if profiles is None else profiles)
         columns = {}
         if self.runner is not None and "default" in names:
             columns["default"] = torch.from_numpy(self.runner(batch.float().contiguous().numpy()))
@@ -175,6 +207,14 @@ class Scorer:
             outputs = self._head_outputs(batch)
             columns.update({name: profile_score(outputs, self.model.cfg, name).float().cpu() for name in rest})
         return torch.stack([columns[name] for name in names], dim=1)
+
+    def score_batch(self, batch: torch.Tensor, profiles: Sequence[str]) -> list[float]:
+        """(B, 3, H, W) in [0,1], all one shape, and one profile name per image -> B scores, each
+        image's in its own profile, from one pass of the trunk (the service's batcher calls this)."""
+        wanted = list(dict.fromkeys(profiles))
+        table = self.profile_score_batch(batch, wanted)  # (B, len(wanted))
+        column = {name: i for i, name in enumerate(wanted)}
+        return [row[column[name]] for row, name in zip(table.tolist(), profiles)]
 
     def _head_outputs(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, n_outputs) head outputs of the torch model: the trunk in reduced
@@ -201,15 +241,30 @@ class Scorer:
                     scores[i] = float(s)
         return scores
 
-    def prepare(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-        """Decode + preprocess one input -> (tensor, width, height); raises ImageDecodeError."""
-        img = decode_image(source, max_pixels=max_pixels)
-        return self.preprocessing.image_to_tensor(img), img.width, img.height
+    def prepare(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_image: bool = False) -> PreparedInput:
+        """Decode one input (a path, bytes or a file object; model.preprocess.decode_image), judge
+        what the model cannot (model.quality), and preprocess it -> PreparedInput. keep_image: also
+        keep the decoded image (a heatmap overlay is drawn on it; it can be large, so only then).
 
-    def prepare_checked(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-        """prepare() plus model.quality's warning codes and "multi_frame" -> (tensor, width, height, warnings)."""
+        model.preprocess.ImageDecodeError (with a machine-readable reason) for what is not a usable image."""
         img = decode_image(source, max_pixels=max_pixels)
-        return self.preprocessing.image_to_tensor(img), img.width, img.height, input_warnings(img)
+        return PreparedInput(self.preprocessing.image_to_tensor(img), img.width, img.height, input_warnings(img),
+                             img if keep_image else None)
+
+    def heatmap(self, source, *, layers: str | Sequence[str] | None = None, profile: str = "default",
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> HeatmapResult:
+        """The Grad-RAM heatmap of one input at its own width x height, and its score.
+
+        source: a PreparedInput (prepare()), or what prepare() takes. layers: trunk stages
+        ("layer1".."layer4", a comma list or "all"; default DEFAULT_HEATMAP_LAYERS, their maps'
+        mean). profile: the (checked) profile whose score the map explains and is returned; that
+        score equals score_tensor_batch's for the same input and precision. Always runs the torch
+        model (it needs gradients), whatever the backend. ValueError for unknown layers;
+        ImageDecodeError for an unusable input."""
+        prepared = source if isinstance(source, PreparedInput) else self.prepare(source, max_pixels=max_pixels)
+        return heatmap_for_tensor(self.model, prepared.tensor, (prepared.width, prepared.height),
+                                  layer=DEFAULT_HEATMAP_LAYERS if layers is None else layers,
+                                  autocast_dtype=self.autocast_dtype, profile=profile)
 
     def percentile(self, score: float, profile: str = "default") -> float | None:
         """The score's rank (0-100) among the checkpoint's reference photos, by the quantiles of
@@ -226,7 +281,7 @@ class Scorer:
 
         def load(path):
             try:
-                tensor, w, h, warns = self.prepare_checked(path)
+                tensor, w, h, warns, _ = self.prepare(path)
                 return path, tensor, w, h, warns, None
             except ImageDecodeError as exc:
                 return path, None, None, None, [], exc

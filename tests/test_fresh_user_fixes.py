@@ -57,7 +57,7 @@ def test_multi_frame_files_warn_multi_frame_and_score_frame_one(kind, scorer, on
 
     data = multi_frame_file(kind)
     assert decode_image(data).info["n_frames"] == 3
-    _, w, h, warns = scorer.prepare_checked(data)
+    _, w, h, warns, _ = scorer.prepare(data)
     assert (w, h) == (96, 80) and warns[-1] == "multi_frame" and warns.count("multi_frame") == 1
 
 
@@ -67,7 +67,7 @@ def test_single_frame_files_carry_no_multi_frame_warning(scorer, one_torch_threa
     for fmt in ("PNG", "GIF", "TIFF", "JPEG"):
         data = make_image(fmt=fmt)
         assert decode_image(data).info["n_frames"] == 1
-        assert "multi_frame" not in scorer.prepare_checked(data)[3]
+        assert "multi_frame" not in scorer.prepare(data).warnings
 
 
 def test_service_answers_multi_frame_warning(scorer, one_torch_thread):

@@ -211,17 +211,13 @@ def test_onnxruntime_backend_scores_other_profiles_with_the_torch_model(scorer, 
 def test_batcher_runs_mixed_profiles_in_one_pass_and_each_image_gets_its_own():
     passes = []
 
-    def run_batch(batch):
-        passes.append(("default", batch.shape[0]))
-        return batch.mean(dim=(1, 2, 3))
-
-    def run_profiles(batch, names):
-        passes.append((tuple(names), batch.shape[0]))
+    def score_batch(batch, profiles):
+        passes.append((tuple(dict.fromkeys(profiles)), batch.shape[0]))
         offsets = {"default": 0.0, "general": 10.0, "outdoor": 20.0}
-        return batch.mean(dim=(1, 2, 3))[:, None] + torch.tensor([offsets[n] for n in names])
+        return batch.mean(dim=(1, 2, 3)) + torch.tensor([offsets[n] for n in profiles])
 
     async def scenario():
-        batcher = DynamicBatcher(run_batch, run_profiles=run_profiles, max_batch_size=8, max_wait_s=0.2)
+        batcher = DynamicBatcher(score_batch, max_batch_size=8, max_wait_s=0.2)
         batcher.start()
         asked = [(0.1, "general"), (0.2, "default"), (0.3, "outdoor"), (0.4, "general")]
         results = await asyncio.gather(*(batcher.score(torch.full((3, 4, 4), v), p) for v, p in asked))
@@ -232,19 +228,34 @@ def test_batcher_runs_mixed_profiles_in_one_pass_and_each_image_gets_its_own():
     results, alone = asyncio.run(scenario())
     assert [round(r.score, 5) for r in results] == [10.1, 0.2, 20.3, 10.4]
     assert all(r.batch_size == 4 for r in results)
-    assert passes == [(("general", "default", "outdoor"), 4), ("default", 1)]
-    assert round(alone.score, 5) == 0.5  # a default-only batch takes run_batch
+    assert passes == [(("general", "default", "outdoor"), 4), (("default",), 1)]
+    assert round(alone.score, 5) == 0.5  # a default-only batch is scored in the default profile
 
 
-def test_batcher_without_run_profiles_refuses_other_profiles():
+def test_a_scorer_that_refuses_a_profile_fails_that_request():
+    """The batcher takes any profile; what the scoring callable refuses (Scorer.score_batch: an
+    unknown profile) reaches the request that asked for it."""
+    def default_only(batch, profiles):
+        if set(profiles) != {"default"}:
+            raise ValueError("this model scores only the 'default' profile")
+        return batch.mean(dim=(1, 2, 3))
+
     async def scenario():
-        batcher = DynamicBatcher(lambda batch: batch.mean(dim=(1, 2, 3)))
+        batcher = DynamicBatcher(default_only)
         batcher.start()
         with pytest.raises(ValueError, match="only the 'default' profile"):
             await batcher.score(torch.zeros(3, 4, 4), "general")
         await batcher.close(timeout=5)
 
     asyncio.run(scenario())
+
+
+def test_scorer_score_batch_gives_each_image_its_own_profile(scorer):
+    images = torch.stack([scorer.prepare(d).tensor for d in photos(3, start=40)])
+    table = scorer.profile_score_batch(images)  # (3, P): every profile of every image
+    asked = ["outdoor", "default", "general"]
+    got = scorer.score_batch(images, asked)
+    assert got == [table[i, PROFILES.index(name)].item() for i, name in enumerate(asked)]
 
 
 # -- HTTP ------------------------------------------------------------------------------------

@@ -39,11 +39,11 @@ class SlowScorer:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def score_tensor_batch(self, batch):
+    def score_batch(self, batch, profiles):
         time.sleep(self.delay)
         if self.fail:
             raise self.fail
-        return self._inner.score_tensor_batch(batch)
+        return self._inner.score_batch(batch, profiles)
 
 
 def alone(scorer, data: bytes) -> float:

@@ -20,7 +20,7 @@ class FakeModel:
         self.threads: set[str] = set()
         self._busy = threading.Lock()
 
-    def __call__(self, batch: torch.Tensor):
+    def __call__(self, batch: torch.Tensor, profiles=None):
         assert self._busy.acquire(blocking=False), "two forward passes at once"
         try:
             self.threads.add(threading.current_thread().name)
@@ -155,7 +155,7 @@ def test_close_finishes_accepted_work_then_refuses_new():
 
 
 def test_model_errors_reach_the_waiting_requests():
-    def broken(batch):
+    def broken(batch, profiles):
         raise RuntimeError("CUDA error: out of memory")
 
     async def main():
@@ -164,7 +164,7 @@ def test_model_errors_reach_the_waiting_requests():
         with pytest.raises(RuntimeError, match="out of memory"):
             await batcher.score(image(1))
         # and the batcher keeps working afterwards
-        batcher.run_batch = lambda batch: batch.mean(dim=(1, 2, 3))
+        batcher.score_batch = lambda batch, profiles: batch.mean(dim=(1, 2, 3))
         result = await batcher.score(image(5))
         await batcher.close(timeout=5)
         return result

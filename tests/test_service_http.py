@@ -183,9 +183,9 @@ class SlowScorer:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def score_tensor_batch(self, batch):
+    def score_batch(self, batch, profiles):
         time.sleep(self.delay)
-        return self._inner.score_tensor_batch(batch)
+        return self._inner.score_batch(batch, profiles)
 
 
 def test_full_queue_gives_503_not_timeouts(scorer):
