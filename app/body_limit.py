@@ -14,6 +14,8 @@ import asyncio
 import json
 from typing import Callable
 
+from model.errors import ResMemNetError
+
 from .errors import error_body, mark_error
 
 # scope key: True/False once a multipart body has been read to its end (closing boundary seen or not)
@@ -23,8 +25,8 @@ SCOPE_MULTIPART_COMPLETE = "resmemnet.multipart_complete"
 DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(ResMemNetError):
+    """The request body is over its limit (the middleware answers 413 itself)."""
 
 
 class BodyTimeout(BodyTooLarge):

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.errors import ResMemNetError
+
 log = logging.getLogger("resmemnet.service")
 
 # reason -> (HTTP status, when it happens). The README's error table is generated from this.
@@ -57,7 +59,7 @@ HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_al
                        415: "not_an_image", 422: "invalid_request", 503: "not_ready", 504: "deadline_exceeded"}
 
 
-class ServiceError(Exception):
+class ServiceError(ResMemNetError):
     """An expected failure with a reason code; rendered as the standard error body."""
 
     def __init__(self, reason: str, message: str, *, status: int | None = None, retry_after: int | None = None):

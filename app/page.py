@@ -34,8 +34,6 @@ def wants_html(accept: str) -> bool:
 async def page(request: Request):
     """The page for browsers; the JSON index (service, phase, endpoints) for everyone else."""
     if not wants_html(request.headers.get("accept", "")):
-        from .routes import index
-
         return index(request)
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
@@ -46,3 +44,11 @@ async def asset(name: str):
     if name not in ASSETS:
         raise HTTPException(404)
     return FileResponse(STATIC / name, media_type=ASSETS[name], headers=HEADERS)
+
+
+def index(request: Request) -> dict:
+    """The JSON index at /: the service, its phase and its endpoints."""
+    state = request.app.state.service
+    return {"service": "resmemnet", "phase": state.phase, "docs": "/docs",
+            "endpoints": ["POST /score", "POST /score/batch", "POST /heatmap", "GET /healthz", "GET /readyz",
+                          "GET /metrics"]}

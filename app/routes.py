@@ -19,7 +19,7 @@ from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, Mod
 if TYPE_CHECKING:
     from model.scoring import PreparedInput
 
-    from .service import ServiceState
+    from .state import ServiceState
 
 router = APIRouter()
 
@@ -420,11 +420,3 @@ async def readyz(request: Request):
 async def metrics(request: Request) -> Response:
     data, content_type = _state(request).metrics.render()
     return Response(data, media_type=content_type)
-
-
-def index(request: Request) -> dict:
-    """The JSON index at / (app/page.py answers / and gives this to clients that do not ask for HTML)."""
-    state = _state(request)
-    return {"service": "resmemnet", "phase": state.phase, "docs": "/docs",
-            "endpoints": ["POST /score", "POST /score/batch", "POST /heatmap", "GET /healthz", "GET /readyz",
-                          "GET /metrics"]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from app.cli_score import scrub_paths
+from app.cli.info import scrub_paths
 from conftest import make_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_info_json_has_everything_but_machine_paths(checkpoint_with_machine_path
 
 def test_parameter_counts_from_the_tensor_file_match_the_built_models(tiny_checkpoint):
     """info counts parameters from the tensor file's header; the models built in torch agree."""
-    from app.cli_score import TRUNK_PARAMETERS, parameter_counts
+    from app.cli.info import TRUNK_PARAMETERS, parameter_counts
     from model.checkpoint import read_meta
     from model.environment import SHIPPED_WEIGHTS
     from model.network import ResMemNet, build_resmemnet, count_parameters

@@ -200,7 +200,7 @@ def test_serve_on_a_taken_port_fails_at_once(tiny_checkpoint, monkeypatch, capsy
 
 
 def test_check_port_accepts_a_free_port():
-    from app.cli_serve import check_port
+    from app.cli.serve import check_port
 
     with socket_free_port() as port:
         assert check_port("127.0.0.1", port) is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main as cli
-from app.sharding import shard_of
+from app.cli.score import shard_of
 from conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

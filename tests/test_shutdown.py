@@ -68,7 +68,7 @@ def test_request_cut_by_shutdown_gets_json_503_and_the_server_exits(tiny_checkpo
 def test_zero_grace_is_passed_to_uvicorn_as_zero_not_forever(monkeypatch):
     import uvicorn
 
-    from app import cli_serve
+    from app.cli import serve as cli_serve
 
     seen = {}
 
@@ -93,7 +93,7 @@ def test_zero_grace_is_passed_to_uvicorn_as_zero_not_forever(monkeypatch):
 def test_serve_caps_malloc_arenas_on_glibc(monkeypatch):
     import platform
 
-    from app.cli_serve import limit_malloc_arenas
+    from app.cli.serve import limit_malloc_arenas
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     if platform.libc_ver()[0] == "glibc":

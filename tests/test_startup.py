@@ -63,7 +63,7 @@ def test_command_table_matches_what_the_modules_register():
 def test_one_command_imports_only_its_module():
     parser = build_parser(only="export")
     args = parser.parse_args(["export", "--format", "onnx", "--out", "x.onnx"])
-    assert args.func.__module__ == "app.cli_export"
+    assert args.func.__module__ == "app.cli.export"
 
 
 def test_command_word_after_an_option_is_a_usage_error(capsys):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from .kit import EXIT_OK, add_weights_arg, fail, weights_path
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,8 +17,6 @@ def register(sub) -> None:
                     "~/.cache/resmemnet).")
     p.add_argument("--format", required=True, choices=("onnx", "triton"))
     p.add_argument("--out", required=True, metavar="PATH", help="onnx: FILE.onnx; triton: repository folder")
-    from app.cli_score import add_weights_arg
-
     add_weights_arg(p)
     p.add_argument("--name", default="resmemnet", help="triton: the model's name (its folder in the repository)")
     p.add_argument("--max-batch-size", type=int, default=32, metavar="N", help="triton: largest batch (default 32)")
@@ -32,10 +32,7 @@ def register(sub) -> None:
 def run_export(args) -> int:
     from pathlib import Path
 
-    from app.cli_score import EXIT_OK, fail, weights_path
-    from model.trunks import TrunkLoadError
-    from model.checkpoint import CheckpointError
-    from model.export import ExportError, TritonOptions, export_to, write_triton_repository
+    from model.export import TritonOptions, export_to, write_triton_repository
 
     out = Path(args.out)
     weights = weights_path(args)
@@ -58,7 +55,5 @@ def run_export(args) -> int:
         print(f"wrote the Triton model repository {out} (model {model_dir.name}: config.pbtxt, 1/model.onnx)",
               file=sys.stderr)
         return EXIT_OK
-    except (CheckpointError, TrunkLoadError, ExportError) as exc:
-        return fail(str(exc))
-    except OSError as exc:
+    except OSError as exc:  # checkpoint, trunk and export errors reach `resmemnet` (one line each)
         return fail(f"could not write {out}: {exc.strerror or exc}")

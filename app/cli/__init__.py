@@ -1,9 +1,14 @@
-"""`resmemnet` command line: one entry point, one module per group of subcommands.
+"""`resmemnet` command line: one entry point (`main`), one module per command in this package,
+and the kit they share (app/cli/kit.py). `train` and `evaluate` live with the training code.
 
-Start-up is kept light: `resmemnet`, `--help` and `--version` import no subcommand module (they
+Start-up is kept light: `resmemnet`, `--help` and `--version` import no command module (they
 pull in torch, seconds of import), and `resmemnet COMMAND ...` imports only the module that
 defines COMMAND. COMMANDS names every command's module and one-line help for that; a test
 checks it against what the modules register.
+
+A command returns its exit status (model.errors: EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE) or
+raises a model.errors.ResMemNetError, reported here as one `resmemnet: error: ...` line with the
+error's exit_code.
 """
 from __future__ import annotations
 
@@ -13,15 +18,15 @@ import sys
 
 # command -> (module that registers it, its one-line help), in the order `--help` lists them
 COMMANDS: dict[str, tuple[str, str]] = {
-    "score": ("app.cli_score", "score image files and folders"),
-    "info": ("app.cli_score", "summarise a checkpoint: model, parameters, data, results, licence"),
-    "serve": ("app.cli_serve", "run the HTTP scoring service"),
-    "heatmap": ("app.cli_heatmap", "write Grad-RAM heatmap overlays for images"),
+    "score": ("app.cli.score", "score image files and folders"),
+    "info": ("app.cli.info", "summarise a checkpoint: model, parameters, data, results, licence"),
+    "serve": ("app.cli.serve", "run the HTTP scoring service"),
+    "heatmap": ("app.cli.heatmap", "write Grad-RAM heatmap overlays for images"),
     "train": ("model.training.cli", "train ResMem-Net (phased recipe, cross-validation, checkpoint)"),
     "evaluate": ("model.training.cli",
                  "score a dataset with a checkpoint and report rho, r, MSE, top/bottom table"),
-    "export": ("app.cli_export", "write the model as ONNX or as a Triton model repository"),
-    "merge": ("app.sharding", "merge the CSV parts of a sharded `resmemnet score` into one CSV or JSON"),
+    "export": ("app.cli.export", "write the model as ONNX or as a Triton model repository"),
+    "merge": ("app.cli.merge", "merge the CSV parts of a sharded `resmemnet score` into one CSV or JSON"),
 }
 
 
@@ -67,19 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):  # a stub matched: the command word came after an option
         parser.error(f"put the command first: resmemnet {args.command} [OPTIONS]")
+    from model.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, ResMemNetError
+
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or EXIT_OK)
+    except ResMemNetError as exc:
+        from .kit import fail
+
+        return fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`resmemnet info | head`): stop quietly, and keep Python's exit-time
         # flush of stdout from raising again.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # what a shell reports for a process ended by SIGPIPE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return EXIT_BROKEN_PIPE

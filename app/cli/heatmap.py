@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli_score import (EXIT_OK, EXIT_SOME_FAILED, add_profile_arg, add_weights_arg, checked_profile, fail,
-                           load_scorer, profile_note, weights_path)
+from .kit import (EXIT_OK, EXIT_SOME_FAILED, add_profile_arg, add_weights_arg, checked_profile, fail, load_scorer,
+                  profile_note)
 
 
 def register(sub) -> None:
@@ -77,7 +77,7 @@ def run_heatmap(args) -> int:
     files, missing = collect_inputs(args.paths)
     if not files and not missing:
         return fail("no files found under the given paths")
-    scorer = load_scorer(weights_path(args), args.device)
+    scorer = load_scorer(args)
     profile = checked_profile(scorer, args.profile)  # a usage error leaves no output folder behind
     out_dir = Path(args.out_dir)
     try:

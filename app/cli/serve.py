@@ -5,7 +5,8 @@ Settings come from `RESMEMNET_*` environment variables; the flags below override
 from __future__ import annotations
 
 import logging
-import sys
+
+from .kit import EXIT_OK, EXIT_SOME_FAILED, fail
 
 
 def register(sub) -> None:
@@ -34,10 +35,10 @@ def run_serve(args) -> int:
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
             log_level=args.log_level)
     except SettingsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc), command="serve")
     problem = check_port(settings.host, settings.port) or check_startup(settings)
     if problem:
-        return _fail(problem)
+        return fail(problem, command="serve")
 
     limit_malloc_arenas()
 
@@ -57,7 +58,7 @@ def run_serve(args) -> int:
     server = uvicorn.Server(config)
     server.run()
     # uvicorn returns normally after SIGTERM; a failed start (port in use) leaves `started` False.
-    return 0 if server.started else 1
+    return EXIT_OK if server.started else EXIT_SOME_FAILED
 
 
 # glibc's mallopt(M_ARENA_MAX): by default glibc gives each thread that contends for malloc an
@@ -113,8 +114,3 @@ def check_port(host: str, port: int) -> str | None:
     except OSError as exc:
         return f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running there?)"
     return None
-
-
-def _fail(message: str) -> int:
-    print(f"resmemnet serve: error: {message}", file=sys.stderr)
-    return 2
