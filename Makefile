@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make serve   - set up, then run the scoring service on the shipped checkpoint (http://127.0.0.1:8000)
 #   make test    - set up, then run the test suite (what .ci/run calls)
+#   make test-fast - the suite without the tests that start processes, servers or browsers
 # Everyday ones (see docs/cli.md):
 #   make score IMAGES="photos/ more.jpg" OUT=scores.csv   - score images (OUT: .csv or .json; none: CSV on stdout;
 #                                                          PROFILE=general|outdoor picks a score profile)
@@ -18,7 +19,7 @@ BENCH_N ?= 32
 # docker-compose (validates docker-compose.yml; no container engine needed).
 SYSTEM_PACKAGES := chromium chromium-driver haproxy docker-compose
 
-.PHONY: setup system-deps serve test score bench clean
+.PHONY: setup system-deps serve test test-fast score bench clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +45,11 @@ serve: setup
 
 test: setup system-deps
 	$(PY) -m pytest -q
+
+# The fast loop: every test but those that start a process, server, browser, torchrun or HAProxy
+# (marker `process`); `make test` runs them all.
+test-fast: setup
+	$(PY) -m pytest -q -m "not process"
 
 score: setup
 	@if [ -z "$(IMAGES)" ]; then echo 'usage: make score IMAGES="photos/ more.jpg" [OUT=scores.csv|scores.json]'; exit 2; fi

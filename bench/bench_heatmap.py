@@ -1,19 +1,23 @@
-"""Heatmap latency: Grad-RAM + overlay for a 224x224 and a 1024x768 photo, per model.
+"""Heatmap latency through the Scorer, with several layer choices timed side by side.
 
-    .venv/bin/python bench/bench_heatmap.py                 # stand-ins for the shipped model
-    .venv/bin/python bench/bench_heatmap.py --weights W.json  # a real checkpoint
+    .venv/bin/python bench/bench_heatmap.py                                   # stand-ins, synthetic photos
+    .venv/bin/python bench/bench_heatmap.py --weights weights/resmemnet-default.json \\
+        --images ../shared/data/pool --n 16 --rounds 3 --layers layer4 layer3,layer4
 
-Stand-ins (until a checkpoint ships): ResMem-Net on the resmem package's ResNet-152 trunk with
-the shipped preprocessing (shorter side 224, [0,1] input), and a ResNet-50 one for comparison.
-Timings do not depend on the weights. Each cell is the best of --repeats runs, as wall-clock ms
-and (in brackets) the process's CPU ms over all its threads, which other load inflates less:
-  decode    JPEG bytes -> upright RGB image
-  score     plain scoring forward pass (what /score costs), for reference
-  model     heatmap_for_image: preprocess + Grad-RAM + map resampled to the original size
-  overlay   colour + blend at the original size + PNG encode
-  total     decode -> model -> overlay PNG, end to end
-The network input is set by the resize policy (a 1024x768 photo runs at 288x224); only the
-overlay part scales with the photo's own resolution.
+Every photo is decoded and prepared once (Scorer.prepare), then in every round each --layers
+choice makes its heatmap (Scorer.heatmap) and its overlay PNG, the choices in a rotated order so
+that load drift on a shared machine hits them alike. Reported per choice: the median and range
+(min-max) over photos x rounds, in wall-clock ms, of
+  model     Scorer.heatmap: Grad-RAM (forward + backward) and the map resampled to the photo's size
+  overlay   colour + blend at the photo's size + PNG encode
+and, for reference, a plain score of the same input (what /score costs; one forward pass).
+--overlays DIR also writes every photo's overlay for every choice (NAME.LAYERS.png), to compare
+what the choices show.
+
+Stand-ins (without --weights): ResMem-Net on the resmem package's ResNet-152 trunk with a 224 px
+input, and a random ResNet-50; timings do not depend on the weights. Without --images the photos
+are synthetic, 224x224 and 1024x768 (the network input is set by the resize policy; only the
+overlay scales with the photo's own size).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import argparse
 import importlib.util
 import io
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,71 +56,83 @@ def synthetic_photo(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def stand_ins():
-    from model.trunks import resmem_source
+def scorers(args):
+    """(label, Scorer) for the checkpoint in --weights, else the stand-ins."""
     from model.network import build_resmemnet
     from model.preprocess import Preprocessing, ResizePolicy
-
-    unit = Preprocessing(resize=ResizePolicy(size=224), input_scaling="unit")
-    if importlib.util.find_spec("resmem") is not None:
-        yield "resnet152", "ResNet-152 (resmem trunk, shipped config)", lambda: (build_resmemnet(trunk_source=resmem_source()), unit)
-    else:  # same architecture and cost, random weights
-        yield "resnet152", "ResNet-152 (random weights, shipped config)", lambda: (
-            build_resmemnet(backbone="resnet152", input_scaling="unit"), unit)
-    imagenet = Preprocessing(resize=ResizePolicy(size=224), input_scaling="imagenet")
-    yield "resnet50", "ResNet-50 (random weights)", lambda: (build_resmemnet(backbone="resnet50"), imagenet)
-
-
-def timed(fn, repeats: int):
-    """((best wall ms, best CPU ms), last result).
-
-    On a shared CPU the best wall time is the least disturbed run; the process CPU time (all
-    threads) is what the work itself costs, whatever else runs on the machine.
-    """
-    fn()  # warm-up: first-call allocations and kernel selection
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return (min(walls) * 1000.0, min(cpus) * 1000.0), result
-
-
-def bench_model(label, model, preprocessing, *, layers, repeats, device):
-    from model.gradram import heatmap_for_image
-    from model.overlay import overlay_png
-    from model.preprocess import decode_image
     from model.scoring import Scorer
+    from model.trunks import resmem_source
 
-    scorer = Scorer(model, preprocessing, device=device)
+    if args.weights:
+        scorer = Scorer.from_checkpoint(args.weights, device=args.device, backend="torch")
+        yield f"{scorer.meta.name} ({scorer.config.backbone})", scorer
+        return
+    unit = Preprocessing(resize=ResizePolicy(size=224), input_scaling="unit")
+    if args.only in (None, "resnet152"):
+        if importlib.util.find_spec("resmem") is not None:
+            yield "ResNet-152 (resmem trunk)", Scorer(build_resmemnet(trunk_source=resmem_source()), unit,
+                                                      device=args.device)
+        else:  # same architecture and cost, random weights
+            yield "ResNet-152 (random weights)", Scorer(build_resmemnet(backbone="resnet152", input_scaling="unit"),
+                                                        unit, device=args.device)
+    if args.only in (None, "resnet50"):
+        imagenet = Preprocessing(resize=ResizePolicy(size=224), input_scaling="imagenet")
+        yield "ResNet-50 (random weights)", Scorer(build_resmemnet(backbone="resnet50"), imagenet, device=args.device)
+
+
+def photos(args) -> list[tuple[str, bytes]]:
+    if not args.images:
+        return [(f"{w}x{h}", synthetic_photo(w, h)) for w, h in SIZES]
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    step = max(1, len(files) // args.n)  # spread over the folder, not its first files
+    return [(p.name, p.read_bytes()) for p in files[::step][:args.n]]
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+def bench(label, scorer, inputs, layer_choices, rounds, overlays: Path | None = None):
+    import torch
+
+    from model.overlay import overlay_png
+
+    prepared = [scorer.prepare(data, keep_image=True) for _, data in inputs]
+    if overlays is not None:
+        overlays.mkdir(parents=True, exist_ok=True)
+        for (name, _), p in zip(inputs, prepared):
+            for layers in layer_choices:
+                png = overlay_png(p.image, scorer.heatmap(p, layers=layers).heatmap)
+                (overlays / f"{Path(name).stem}.{layers.replace(',', '+')}.png").write_bytes(png)
+    for p in prepared[:1]:  # warm-up: first-call allocations and kernel selection
+        for layers in layer_choices:
+            scorer.heatmap(p, layers=layers)
+    times = {layers: {"model": [], "overlay": []} for layers in layer_choices}
+    score_ms = []
+    for r in range(rounds):
+        for i, p in enumerate(prepared):
+            t = time.perf_counter()
+            scorer.score_tensor_batch(p.tensor[None])
+            score_ms.append(ms(time.perf_counter() - t))
+            shift = (r + i) % len(layer_choices)
+            for layers in layer_choices[shift:] + layer_choices[:shift]:
+                t = time.perf_counter()
+                result = scorer.heatmap(p, layers=layers)
+                t_model = time.perf_counter()
+                overlay_png(p.image, result.heatmap)
+                times[layers]["model"].append(ms(t_model - t))
+                times[layers]["overlay"].append(ms(time.perf_counter() - t_model))
+        print(f"  {label}: round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
+    net = {f"{p.tensor.shape[2]}x{p.tensor.shape[1]}" for p in prepared}
     rows = []
-    for width, height in SIZES:
-        data = synthetic_photo(width, height)
-        img = decode_image(data)
-        tensor = preprocessing.image_to_tensor(img)
-        t_decode, _ = timed(lambda: decode_image(data), repeats)
-        t_score, _ = timed(lambda: scorer.score_tensor_batch(preprocessing.image_to_tensor(img)[None]), repeats)
-        for layer in layers:
-            t_model, result = timed(lambda: heatmap_for_image(scorer.model, preprocessing, img, layer=layer,
-                                                                        autocast_dtype=scorer.autocast_dtype), repeats)
-            t_overlay, png = timed(lambda: overlay_png(img, result.heatmap), repeats)
-
-            def end_to_end():
-                photo = decode_image(data)
-                res = heatmap_for_image(scorer.model, preprocessing, photo, layer=layer)
-                return overlay_png(photo, res.heatmap)
-
-            t_total, _ = timed(end_to_end, repeats)
-            rows.append((label, f"{width}x{height}", f"{tensor.shape[2]}x{tensor.shape[1]}", layer,
-                         t_decode, t_score, t_model, t_overlay, t_total, len(png) // 1024))
-            print(f"  {label} {width}x{height} {layer}: model {t_model[0]:.0f} ms, overlay {t_overlay[0]:.0f} ms, "
-                  f"total {t_total[0]:.0f} ms (best of {repeats})", file=sys.stderr, flush=True)
-    return rows
+    for layers in layer_choices:
+        model, overlay = times[layers]["model"], times[layers]["overlay"]
+        rows.append((label, layers, ", ".join(sorted(net)), model, overlay))
+    return rows, score_ms, torch.get_num_threads()
 
 
-def ms(value: float) -> str:
-    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+def cell(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 def main(argv=None) -> int:
@@ -123,41 +140,34 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="benchmark this checkpoint instead of the stand-ins")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the best is reported)")
-    parser.add_argument("--layers", default="layer4,all", help="comma list of --layer values to time (layer4, all, ...)")
+    parser.add_argument("--images", help="a folder of photos (default: two synthetic ones)")
+    parser.add_argument("--n", type=int, default=16, help="with --images: how many photos, spread over the folder")
+    parser.add_argument("--rounds", "--repeats", type=int, default=3, help="timed rounds over all photos")
+    parser.add_argument("--layers", nargs="+", default=["layer4", "layer3,layer4"], metavar="LAYERS",
+                        help="layer choices to time side by side (each as Scorer.heatmap's layers: layer4, "
+                             "layer3,layer4, all, ...)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--only", choices=("resnet152", "resnet50"), help="just one stand-in")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice). "
-                        "On a busy shared CPU, --threads 1 gives the steadiest CPU times")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--overlays", type=Path, metavar="DIR", help="also write every overlay here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
-
-    if args.weights:
-        from model.checkpoint import load_checkpoint
-
-        model, meta = load_checkpoint(args.weights)
-        candidates = [(f"{meta.name} ({meta.architecture.backbone})", lambda: (model, meta.preprocessing))]
-    else:
-        candidates = [(label, build) for key, label, build in stand_ins() if args.only in (None, key)]
-
-    rows = []
-    for label, build in candidates:
-        model, preprocessing = build()
-        rows += bench_model(label, model.eval(), preprocessing, layers=layers, repeats=args.repeats,
-                            device=args.device)
-        del model
+    inputs = photos(args)
+    rows, threads = [], torch.get_num_threads()
+    for label, scorer in scorers(args):
+        got, score_ms, threads = bench(label, scorer, inputs, list(args.layers), args.rounds, args.overlays)
+        rows += [(*row, score_ms) for row in got]
+        del scorer
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-          f"(load average {load:.1f}), device {args.device}; best of {args.repeats} runs: wall ms (process CPU ms)\n")
-    print("| model | photo | net input | layer | decode | score | model | overlay | total | PNG KiB |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for label, photo, net, layer, *times, kib in rows:
-        print(f"| {label} | {photo} | {net} | {layer} | "
-              + " | ".join(f"{ms(wall)} ({ms(cpu)})" for wall, cpu in times) + f" | {kib} |")
+    print(f"\ntorch {torch.__version__}, {threads} threads on {os.cpu_count()} CPUs, device {args.device}, "
+          f"load average {load:.1f}; {len(inputs)} photos x {args.rounds} rounds, choices interleaved; "
+          "wall ms, median (min-max)\n")
+    print("| model | layers | net input | score | heatmap (model) | overlay PNG |")
+    print("|---|---|---|---:|---:|---:|")
+    for label, layers, net, model, overlay, score_ms in rows:
+        print(f"| {label} | {layers} | {net} | {cell(score_ms)} | {cell(model)} | {cell(overlay)} |")
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Shared fixtures: a small random-trunk checkpoint and image files of many kinds."""
+"""Shared fixtures and helpers: a small random-trunk checkpoint and its Scorer, the service around
+it (in-process, in a thread, or as a real `resmemnet serve`), and image files of many kinds.
+
+Markers (pyproject.toml): `process` on every test that starts a process, a server, a browser,
+torchrun or HAProxy; `make test-fast` runs the suite without them (README, "Tests").
+"""
 from __future__ import annotations
 
 import os
@@ -12,7 +17,9 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,6 +45,17 @@ def make_image(path: Path | None = None, size=(120, 90), mode="RGB", fmt="JPEG",
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+# Test modules of other areas whose every test starts a process (torchrun; hadolint and
+# docker-compose), marked here rather than in the files themselves.
+PROCESS_MODULES = {"test_ddp.py", "test_service_container.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in PROCESS_MODULES:
+            item.add_marker(pytest.mark.process)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +88,90 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-# -- a real `resmemnet serve` on loopback, for the tests that talk HTTP to it ----------------------
+@pytest.fixture(scope="module")
+def scorer(tiny_checkpoint):
+    """The tiny checkpoint's Scorer on the CPU, as the service builds it: the trunk runs in bf16
+    on a CPU with native bf16, so compare its scores with fp32 ones at about 1e-2, not 1e-5."""
+    from model.scoring import Scorer
+
+    return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own (ONNX exports, hash record): nothing is shared or left behind."""
+    monkeypatch.setenv("RESMEMNET_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# -- the service in-process (TestClient) -------------------------------------------------------
+@contextmanager
+def serving(scorer=None, *, wait=True, raise_server_exceptions=True, **settings):
+    """A TestClient of create_app(ServiceSettings(**settings), scorer), ready (unless wait=False);
+    warm-up is off unless asked for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette's note about httpx vs httpx2
+        from fastapi.testclient import TestClient
+
+    from app.service import create_app
+    from app.settings import ServiceSettings
+
+    settings.setdefault("warmup", False)
+    app = create_app(ServiceSettings(**settings), scorer=scorer)
+    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
+        if wait:
+            wait_until_ready(client)
+        yield client
+
+
+def wait_until_ready(client, timeout=180):
+    """Poll a TestClient's /readyz until 200 (AssertionError if /healthz fails or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/readyz")
+        if r.status_code == 200:
+            return r
+        assert client.get("/healthz").status_code == 200, client.get("/healthz").json()
+        time.sleep(0.05)
+    raise AssertionError("the service did not get ready")
+
+
+@pytest.fixture(scope="module")
+def client(request, scorer, one_torch_thread):
+    """The service in-process around the module's `scorer`, with the settings in the module's
+    CLIENT_SETTINGS dict (none: the defaults)."""
+    with serving(scorer, **getattr(request.module, "CLIENT_SETTINGS", {})) as c:
+        yield c
+
+
+class SlowScorer:
+    """A real scorer whose forward passes take at least `delay` seconds (or raise `fail`)."""
+
+    def __init__(self, inner, delay=0.0, fail=None):
+        self._inner, self.delay, self.fail = inner, delay, fail
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def score_batch(self, batch, profiles):
+        time.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        return self._inner.score_batch(batch, profiles)
+
+
+def assert_error(response, status, reason):
+    """The service's error shape with this status and reason; returns its "error" object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"status", "reason", "message"}, body
+    assert body["error"]["status"] == status and body["error"]["reason"] == reason, body
+    assert len(body["error"]["message"]) > 5
+    return body["error"]
+
+
+# -- a real server on loopback, for the tests that talk HTTP to it --------------------------------
 def serve_command() -> list[str]:
     script = Path(sys.executable).parent / "resmemnet"
     return [str(script), "serve"] if script.exists() else [sys.executable, "-m", "app.cli", "serve"]
@@ -122,3 +223,33 @@ def serve_subprocess(weights, tmp_path, **env_settings):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+@contextmanager
+def serve_in_thread(app):
+    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL once ready."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def metric_samples(base: str, name: str) -> list:
+    """The samples of one metric family from a live server's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]

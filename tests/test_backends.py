@@ -13,13 +13,12 @@ from conftest import SHARED_DATA, make_image
 from model.engines import BackendError, check_backend
 from model.scoring import Scorer
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread", "private_cache")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "private_cache", "no_backend_setting")
 TOLERANCE = 1e-3  # ONNX Runtime fp32 vs torch fp32
 
 
 @pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESMEMNET_CACHE_DIR", str(tmp_path / "cache"))
+def no_backend_setting(monkeypatch):
     monkeypatch.delenv("RESMEMNET_BACKEND", raising=False)
 
 

@@ -188,11 +188,13 @@ def make_dry_run(*args: str) -> list[str]:
             and not line.startswith("touch")]
 
 
+@pytest.mark.process  # make -n
 def test_make_serve_binds_loopback_unless_told():
     assert any("resmemnet serve --host 127.0.0.1 --port 8000" in c for c in make_dry_run("serve"))
     assert any("--host 0.0.0.0" in c for c in make_dry_run("serve", "HOST=0.0.0.0"))
 
 
+@pytest.mark.process
 def test_make_score_writes_where_the_user_says(tmp_path):
     commands = make_dry_run("score", "IMAGES=photos/ one.jpg", f"OUT={tmp_path}/s.csv")
     assert any(c.endswith(f"resmemnet score photos/ one.jpg --out {tmp_path}/s.csv") for c in commands)
@@ -202,6 +204,7 @@ def test_make_score_writes_where_the_user_says(tmp_path):
     assert "resmemnet score one.jpg --profile general" in profiled
 
 
+@pytest.mark.process
 def test_make_bench_runs_the_quick_benchmarks():
     commands = " ".join(make_dry_run("bench"))
     assert "bench/bench_scorer.py" in commands and "bench/bench_heatmap.py" in commands

@@ -18,12 +18,6 @@ from model.export import (INPUT_NAME, OUTPUT_NAME, ExportError, TritonOptions, c
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "private_cache")
 
 
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESMEMNET_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def run_onnx(path, images: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {INPUT_NAME: images.astype(np.float32)})[0]

@@ -112,14 +112,7 @@ def test_the_seeds_themselves_decode():
     assert [check_decode(s) for s in SEEDS] == ["ok"] * len(SEEDS)
 
 
-@pytest.fixture(scope="module")
-def client(tiny_checkpoint, one_torch_thread):
-    from model.scoring import Scorer
-    from test_service_api import serving
-
-    scorer = Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
-    with serving(scorer, max_pixels=MAX_PIXELS, max_upload_bytes=200_000) as c:
-        yield c
+CLIENT_SETTINGS = dict(max_pixels=MAX_PIXELS, max_upload_bytes=200_000)  # the `client` fixture (conftest.py)
 
 
 header_text = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters='"\\\r\n'),

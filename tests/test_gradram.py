@@ -111,13 +111,6 @@ def resnet50_model():
     return build_resmemnet(backbone="resnet50").eval()
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_checkpoint):
-    from model.scoring import Scorer
-
-    return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
-
-
 # -- the maths -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [dict(), dict(head="linear", taps="last")], ids=["lstm-all-taps", "linear-last"])
 def test_stage_maps_equal_hook_based_grad_cam(cfg):
@@ -486,6 +479,20 @@ def test_cli_rejects_bad_options(tiny_checkpoint, tmp_path, capsys):
 
 
 # -- CUDA (skipped on machines without a GPU) --------------------------------------------------
+def test_heatmap_without_weights_uses_the_default_checkpoint(tiny_checkpoint, tmp_path, monkeypatch,
+                                                             one_torch_thread, capsys):
+    from app.cli import main
+
+    monkeypatch.setenv("RESMEMNET_WEIGHTS", str(tiny_checkpoint))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    make_image(folder / "a.jpg")
+    out = tmp_path / "out"
+    assert main(["heatmap", str(folder), "-o", str(out)]) == 0
+    assert (out / "a.overlay.png").is_file()
+    assert "test-random" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_maps_and_scores_match_cpu_and_leave_the_model_alone(tiny_checkpoint):
     from model.scoring import Scorer

@@ -29,7 +29,8 @@ from conftest import REPO, free_port
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
 if HAPROXY is None and os.environ.get("RESMEMNET_REQUIRE_HAPROXY") == "1":  # CI (.ci/run): never skip
     raise RuntimeError("haproxy is not installed but RESMEMNET_REQUIRE_HAPROXY=1 (make system-deps installs it)")
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed (apt-get install -y haproxy)")
+pytestmark = [pytest.mark.process,  # HAProxy in front of real servers
+              pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed (apt-get install -y haproxy)")]
 
 CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 CLIENTS = 3

@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_image
-from test_service_api import SlowScorer, serving
+from conftest import SlowScorer, make_image, serving
 
 REQUESTS = "resmemnet_http_request_duration_seconds_count"
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_checkpoint, one_torch_thread):
-    from model.scoring import Scorer
-
-    return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def client(scorer):
-    with serving(scorer, warmup=True, max_upload_bytes=200_000, max_files_per_request=4) as c:
-        yield c
+CLIENT_SETTINGS = dict(warmup=True, max_upload_bytes=200_000, max_files_per_request=4)  # the `client` fixture
 
 
 def samples(client, name: str) -> list:

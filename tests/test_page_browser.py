@@ -26,6 +26,7 @@ CHROMIUM = os.environ.get("RESMEMNET_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RESMEMNET_CHROMEDRIVER", "/usr/bin/chromedriver")
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("RESMEMNET_REQUIRE_BROWSER"))
 WAIT_S = 120
+pytestmark = pytest.mark.process  # Chromium against a real `resmemnet serve`
 
 
 def browser_missing() -> str | None:

@@ -7,25 +7,16 @@ import csv
 import io
 import json
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_image
-from test_service_api import wait_ready
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # starlette's note about httpx vs httpx2
-    from fastapi.testclient import TestClient
+from conftest import make_image, serving
 
 from app.batcher import DynamicBatcher
 from app.cli import main
-from app.service import create_app
-from app.settings import ServiceSettings
 from model.network import PROFILES, profile_score, profile_scores
 
 TOL = 1e-4
@@ -77,20 +68,6 @@ def plain_scorer(tiny_checkpoint):
     from model.scoring import Scorer
 
     return Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False, backend="torch")
-
-
-@pytest.fixture(scope="module")
-def client(scorer):
-    with serving(scorer) as c:
-        yield c
-
-
-@contextmanager
-def serving(scorer, **settings):
-    settings.setdefault("warmup", False)
-    with TestClient(create_app(ServiceSettings(**settings), scorer=scorer)) as client:
-        wait_ready(client)
-        yield client
 
 
 def expected(scorer, data: bytes) -> dict[str, float]:

@@ -111,3 +111,39 @@ def test_info_prints_parameters_and_metadata(tiny_checkpoint, capsys):
     assert info["parameters"]["total"] == 25_606_081 and info["architecture"]["backbone"] == "resnet50"
     assert main(["info", "--weights", str(tiny_checkpoint)]) == 0
     assert "parameters  25,606,081 (trunk " in capsys.readouterr().out
+
+
+# -- symlinked sub-folders are followed, loops walked once --------------------------------------
+def test_collect_inputs_follows_symlinked_folders_without_looping(tmp_path):
+    import os
+
+    from model.scoring import collect_inputs
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    make_image(elsewhere / "linked.jpg")
+    top = tmp_path / "top"
+    (top / "sub").mkdir(parents=True)
+    make_image(top / "a.jpg")
+    make_image(top / "sub" / "b.jpg")
+    os.symlink(elsewhere, top / "link")
+    os.symlink(top, top / "sub" / "loop")  # a loop back to the top
+    files, problems = collect_inputs([top])
+    assert problems == []
+    assert files == [str(top / "a.jpg"), str(top / "link" / "linked.jpg"), str(top / "sub" / "b.jpg")]
+
+
+def test_score_cli_scores_files_in_symlinked_folders(tiny_checkpoint, tmp_path, one_torch_thread):
+    import csv
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    make_image(elsewhere / "linked.jpg")
+    top = tmp_path / "top"
+    top.mkdir()
+    os.symlink(elsewhere, top / "link")
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(top), "--weights", str(tiny_checkpoint), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(top / "link" / "linked.jpg")] and rows[0]["score"]

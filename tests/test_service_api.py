@@ -4,81 +4,22 @@ from __future__ import annotations
 import struct
 import threading
 import time
-import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 
-from conftest import make_image
+# serving is also imported from here by other test modules
+from conftest import SlowScorer, assert_error, make_image, serving, wait_until_ready  # noqa: F401
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # starlette's note about httpx vs httpx2
-    from fastapi.testclient import TestClient
-
-from app.service import create_app
 from app.settings import ServiceSettings, SettingsError
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_checkpoint):
-    from model.scoring import Scorer
-
-    return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
-
-
-class SlowScorer:
-    """A real scorer whose forward passes take at least `delay` seconds (or fail)."""
-
-    def __init__(self, inner, delay=0.0, fail=None):
-        self._inner, self.delay, self.fail = inner, delay, fail
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def score_batch(self, batch, profiles):
-        time.sleep(self.delay)
-        if self.fail:
-            raise self.fail
-        return self._inner.score_batch(batch, profiles)
+CLIENT_SETTINGS = dict(max_upload_bytes=200_000, max_pixels=2_000_000, max_files_per_request=4)  # the `client` fixture
 
 
 def alone(scorer, data: bytes) -> float:
     return scorer.score_tensors([scorer.prepare(data)[0]])[0]
-
-
-@contextmanager
-def serving(scorer=None, *, wait=True, raise_server_exceptions=True, **settings):
-    settings.setdefault("warmup", False)
-    app = create_app(ServiceSettings(**settings), scorer=scorer)
-    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
-        if wait:
-            wait_ready(client)
-        yield client
-
-
-def wait_ready(client, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.get("/readyz")
-        if r.status_code == 200:
-            return r
-        assert client.get("/healthz").status_code == 200, client.get("/healthz").json()
-        time.sleep(0.05)
-    raise AssertionError("the service did not get ready")
-
-
-def assert_error(response, status, reason):
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"status", "reason", "message"}, body
-    assert body["error"]["status"] == status and body["error"]["reason"] == reason, body
-    assert len(body["error"]["message"]) > 5
-    return body["error"]
 
 
 def png_header_only(width, height) -> bytes:
@@ -98,12 +39,6 @@ def solid_png(width, height) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (40, 90, 200)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def client(scorer):
-    with serving(scorer, max_upload_bytes=200_000, max_pixels=2_000_000, max_files_per_request=4) as c:
-        yield c
 
 
 # -- /score ----------------------------------------------------------------------------------
@@ -310,7 +245,7 @@ def test_not_ready_while_warming_up_then_ready(scorer):
         assert_error(r, 503, "not_ready")
         assert "Retry-After" in r.headers
         assert_error(c.post("/score", files={"file": ("a.jpg", make_image(), "image/jpeg")}), 503, "not_ready")
-        assert wait_ready(c).json()["status"] == "ready"
+        assert wait_until_ready(c).json()["status"] == "ready"
         assert c.get("/healthz").json()["phase"] == "ready"
 
 
@@ -430,3 +365,14 @@ def test_score_batch_and_heatmap_carry_percentile_and_warnings(scorer):
         assert c.post("/score", files={"file": ("p.jpg", photo, "image/jpeg")}).json()["percentile"] is None
         r = c.post("/heatmap", files={"file": ("p.jpg", photo, "image/jpeg")})
         assert r.headers["X-Percentile"] == "" and r.headers["X-Warnings"] == ",".join(expected_warnings)
+
+
+# -- HEAD on /, /healthz and /readyz ------------------------------------------------------------
+def test_head_is_allowed_on_index_and_probes(scorer, one_torch_thread):
+    with serving(scorer) as client:
+        for path in ("/", "/healthz", "/readyz"):
+            get, head = client.get(path), client.head(path)
+            assert head.status_code == get.status_code == 200, (path, head.status_code)
+            assert head.content == b""
+        assert client.head("/", headers={"accept": "text/html"}).status_code == 200
+        assert client.head("/score").status_code == 405  # POST-only endpoints still refuse HEAD

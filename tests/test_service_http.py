@@ -8,12 +8,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,37 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, free_port, make_image, serve_command, serve_subprocess, wait_ready
+from conftest import (SHARED_DATA, SlowScorer, free_port, make_image, metric_samples, serve_command,
+                      serve_in_thread, serve_subprocess)
+
+pytestmark = pytest.mark.process  # every test here talks to a real server
 
 TOL = 1e-4
 POOL = SHARED_DATA / "pool"
-
-
-@contextmanager
-def serve_in_thread(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_checkpoint):
-    from model.scoring import Scorer
-
-    return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +44,6 @@ def varied_image(i: int, size) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr.astype(np.uint8), "RGB").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def metric_samples(base: str, name: str) -> list:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(base + "/metrics", timeout=10).text
-    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
 
 
 # -- correctness over HTTP -------------------------------------------------------------------
@@ -176,18 +143,6 @@ def test_heatmap_over_http_matches_score(server):
 
 
 # -- load behaviour --------------------------------------------------------------------------
-class SlowScorer:
-    def __init__(self, inner, delay):
-        self._inner, self.delay = inner, delay
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def score_batch(self, batch, profiles):
-        time.sleep(self.delay)
-        return self._inner.score_batch(batch, profiles)
-
-
 def test_full_queue_gives_503_not_timeouts(scorer):
     from app.service import create_app
     from app.settings import ServiceSettings

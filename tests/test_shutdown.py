@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import make_image
-from test_service_http import serve_subprocess
+from conftest import serve_subprocess
 
 
 def stalled_upload(base: str) -> socket.socket:
@@ -43,6 +43,7 @@ def read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict, bytes]:
     return status, headers, body
 
 
+@pytest.mark.process  # a real `resmemnet serve`
 @pytest.mark.parametrize("grace", [0, 1])
 def test_request_cut_by_shutdown_gets_json_503_and_the_server_exits(tiny_checkpoint, tmp_path, grace):
     with serve_subprocess(tiny_checkpoint, tmp_path, warmup="false", graceful_shutdown_s=grace) as (base, proc):

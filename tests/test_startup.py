@@ -29,6 +29,7 @@ def run_cli_probe(argv: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.process  # a fresh interpreter, to see what it imports
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["no-such-command"]])
 def test_top_level_never_imports_torch(argv):
     done = run_cli_probe(argv)
@@ -166,3 +167,43 @@ def test_unwritable_or_corrupt_record_only_costs_time(tmp_path, monkeypatch):
     monkeypatch.setenv("RESMEMNET_CACHE_DIR", str(folder))
     assert verified_sha256(path) == sha256_file(path)
     assert json.loads((folder / HASH_RECORD).read_text())  # rewritten whole
+
+
+# -- serve on a taken port: one error line, exit 2, before the model loads ----------------------
+def test_serve_on_a_taken_port_fails_at_once(tiny_checkpoint, monkeypatch, capsys):
+    import socket
+
+    import app.service
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the app was created although the port is taken")
+
+    monkeypatch.setattr(app.service, "create_app", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", str(tiny_checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"resmemnet serve: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_check_port_accepts_a_free_port():
+    from app.cli.serve import check_port
+
+    with socket_free_port() as port:
+        assert check_port("127.0.0.1", port) is None
+
+
+def socket_free_port():
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        yield port
+    return free()
