@@ -5,6 +5,7 @@ are measured by bench/fuzz.py (docs/robustness.md), not here."""
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -101,3 +102,20 @@ def test_icc_transforms_are_cached_by_digest_not_by_profile_bytes():
         preprocess._srgb_transform(big_garbage + bytes([i]), "RGB")
     assert len(preprocess._TRANSFORMS) == preprocess.MAX_CACHED_TRANSFORMS
     assert all(len(key[0]) == 32 for key in preprocess._TRANSFORMS)  # SHA-256 digests, not 1 MB keys
+
+
+def test_the_png_chunk_limit_grows_with_the_file(monkeypatch):
+    """Small chunks are refused past MAX_PNG_CHUNKS; a PNG written in 8 KiB chunks, like libpng's,
+    passes however many it has (here with the fixed part of the limit lowered to 100)."""
+    monkeypatch.setattr(formats, "MAX_PNG_CHUNKS", 100)
+    w, h = 1024, 1000
+    rows = np.random.default_rng(0).integers(0, 256, (h, w * 3 + 1), dtype=np.uint8)
+    rows[:, 0] = 0  # each row's filter type: none
+    raw = zlib.compress(rows.tobytes(), 1)
+    idats = [chunk(b"IDAT", raw[i:i + 8192]) for i in range(0, len(raw), 8192)]
+    big = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + b"".join(idats) + chunk(b"IEND", b""))
+    assert len(idats) > 300 and formats.structure_problem(big) is None
+    assert decode_image(big).size == (w, h)
+    tiny = png_with([chunk(b"quUx", b"")] * 200)
+    assert "more than 100 chunks" in formats.structure_problem(tiny)
