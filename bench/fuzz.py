@@ -147,7 +147,7 @@ def _finish(args, argv, summary: dict) -> int:
 # Scales that bring each hostile kind to about the 20 MiB upload limit (or 1 GiB of inflated text).
 FULL_SCALE = {"png_ztxt_bomb": 16, "png_itxt_bomb": 16, "png_iccp_bomb": 16, "png_many_chunks": 16,
               "png_many_chunks_after_idat": 16, "jpeg_many_segments": 500, "jpeg_fill_bytes": 100,
-              "gif_header_blocks": 66, "gif_many_frames": 13, "tiff_many_pages": 8, "webp_many_frames": 10}
+              "gif_header_blocks": 66, "gif_many_frames": 13, "gif_tiny_subblocks": 40, "tiff_many_pages": 8, "webp_many_frames": 10}
 
 
 def _rss_mib() -> float:

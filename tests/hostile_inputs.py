@@ -82,6 +82,13 @@ def gif_frames(n: int, size=(8, 8)) -> bytes:
     return b"".join(out) + frame * n + b"\x3b"
 
 
+def gif_tiny_subblocks(n: int = 250_000) -> bytes:
+    """A GIF whose second frame's data comes in n one-byte sub-blocks (2 bytes each)."""
+    g = gif_frames(1)
+    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\0" + b"\x02" + b"\x01\x44" * n + b"\x00"
+    return g[:-1] + frame + b"\x3b"
+
+
 def gif_header_blocks(n: int = 100_000) -> bytes:
     """A GIF whose first frame comes after n empty comment extensions."""
     g = gif_frames(1)
@@ -136,6 +143,7 @@ HOSTILE = {
     "jpeg_fill_bytes": (lambda s: jpeg_fill_bytes(200_000 * s), "corrupt", None),
     "gif_header_blocks": (lambda s: gif_header_blocks(100_000 * s), "corrupt", None),
     "gif_many_frames": (lambda s: gif_frames(100_000 * s), "ok", 1000),
+    "gif_tiny_subblocks": (lambda s: gif_tiny_subblocks(250_000 * s), "ok", 2),
     "tiff_many_pages": (lambda s: tiff_pages(20_000 * s), "ok", 1000),
     "tiff_page_loop": (lambda s: tiff_pages(3, loop=True), "ok", 3),
     "tiff_fat_directory": (lambda s: tiff_fat_directory(), "corrupt", None),
