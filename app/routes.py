@@ -262,8 +262,9 @@ HEATMAP_HEADERS = {
                                     "gives it; empty when the checkpoint has no reference set",
                      "schema": {"type": "string"}},
     "X-Warnings": {"description": "comma-separated codes of what the model cannot judge in this input (flat, "
-                                  "noise, text, low_resolution; multi_frame: only the first frame/page of "
-                                  "an animated or multi-page file was scored); empty if none", "schema": {"type": "string"}},
+                                  "noise, text, low_resolution; multi_frame: only one frame/page of "
+                                  "an animated or multi-page file was scored; truncated_end: a JPEG missing "
+                                  "only its end marker); empty if none", "schema": {"type": "string"}},
 }
 
 

@@ -12,7 +12,8 @@ PERCENTILE_DOC = ("the score's rank (0-100) among the checkpoint's fixed referen
 PROFILE_DOC = ("the score profile of the score and percentile, as asked for with query parameter `profile`: "
                "default, general (photos unlike outdoor scenes) or outdoor")
 WARNINGS_DOC = ("codes for inputs the model cannot judge (its score then says little): flat, noise, text, "
-                "low_resolution; multi_frame when only the first frame or page was scored; empty when none")
+                "low_resolution; multi_frame when only one frame or page was scored; truncated_end when a JPEG "
+                "missing only its end marker was scored as the complete file; empty when none")
 
 class ModelInfo(BaseModel):
     name: str = Field(description="checkpoint name")

@@ -2,14 +2,19 @@
 
     python bench/fuzz.py --count 20000 --app-count 2000 --seed 1 --out fuzz.json
 
-Random mutations (bit flips, byte sets, inserts, deletes, truncation, repeats, header bytes) of
-valid PNG/JPEG/GIF/TIFF/WebP/BMP/PGM seeds (16-bit, float, ICC, EXIF, alpha among them) go
-through decode_image(), and a share of them through the app in-process (a random-trunk model at
-64 px, /score, /score/batch and /heatmap, random part names and content types). A finding is
-anything but an RGB image / a score in [0, 1] or a clean refusal: an exception other than
-ImageDecodeError, a 5xx, a non-JSON error, a non-finite score, or one input taking over
---slow-s seconds. Findings are written to --findings (one file per input) and listed in the
-JSON summary with the outcome counts and the slowest inputs.
+First the hostile kinds of tests/hostile_inputs.py (metadata bombs, thousands of frames or pages,
+repeated structure) at the size of the upload limit (about 20 MB, or 1 GiB of inflated text),
+each once through decode_image() and once through the app's /score with the default limits:
+outcome, seconds and the process's resident memory are recorded (--hostile-only stops there).
+Then random mutations (bit flips, byte sets, inserts, deletes, truncation, repeats, header bytes)
+of valid PNG/JPEG/GIF/TIFF/WebP/BMP/PGM/HEIC/AVIF/JPEG 2000 seeds (16-bit, float, ICC, EXIF,
+alpha, frames among them) and of the hostile kinds at small sizes go through decode_image(), and
+a share of them through the app in-process (a random-trunk model at 64 px, /score, /score/batch
+and /heatmap, random part names and content types). A finding is anything but an RGB image / a
+score in [0, 1] or a clean refusal: an exception other than ImageDecodeError, a 5xx, a non-JSON
+error, a non-finite score, a hostile kind answered otherwise than tests/hostile_inputs.py says,
+or one input taking over --slow-s seconds. Findings are written to --findings (one file per
+input) and listed in the JSON summary with the outcome counts and the slowest inputs.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -64,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--slow-s", type=float, default=5.0, help="an input taking longer is a finding (a hang)")
     p.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
     p.add_argument("--out", type=Path, help="JSON summary")
+    p.add_argument("--hostile-only", action="store_true", help="only the hostile kinds at full size")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
@@ -75,15 +82,20 @@ def main(argv=None) -> int:
 
     from app.service import create_app
     from app.settings import ServiceSettings
-    from model.preprocess import ImageDecodeError, decode_image
+    from hostile_inputs import HOSTILE
     from model.scoring import Scorer
     from test_fuzz import MAX_PIXELS, REASONS, SEEDS, check_decode
 
     ckpt = _tiny_checkpoint(Path(tempfile.mkdtemp(prefix="fuzz-ckpt-")))
     scorer = Scorer.from_checkpoint(ckpt, device="cpu")
     app = create_app(ServiceSettings(warmup=False, max_pixels=MAX_PIXELS, max_upload_bytes=200_000), scorer=scorer)
+    findings = []
+    hostile = _hostile_pass(scorer, HOSTILE, findings, args)
+    if args.hostile_only:
+        return _finish(args, argv, {"hostile": hostile, "findings": findings})
+    pool = SEEDS + [make(1) for make, _, _ in HOSTILE.values()]
     rng = random.Random(args.seed)
-    outcomes, app_outcomes, findings, slowest = Counter(), Counter(), [], []
+    outcomes, app_outcomes, slowest = Counter(), Counter(), []
     started = time.perf_counter()
     app_every = max(1, args.count // max(1, args.app_count))
     done = 0
@@ -93,7 +105,7 @@ def main(argv=None) -> int:
         for i in range(args.count):
             if time.perf_counter() - started > args.max_seconds:
                 break
-            data = mutate(rng, rng.choice(SEEDS))
+            data = mutate(rng, rng.choice(pool))
             t0 = time.perf_counter()
             try:
                 outcomes[check_decode(data)] += 1
@@ -116,17 +128,75 @@ def main(argv=None) -> int:
                     findings.append(_record(args.findings, i, data, f"app {path}", problem))
             done += 1
     wall = time.perf_counter() - started
-    summary = {
-        "inputs": done, "app_requests": sum(app_outcomes.values()), "seconds": round(wall, 1),
+    return _finish(args, argv, {
+        "hostile": hostile, "inputs": done, "app_requests": sum(app_outcomes.values()), "seconds": round(wall, 1),
         "decode_outcomes": dict(outcomes.most_common()), "app_outcomes": dict(sorted(app_outcomes.items())),
         "findings": findings, "slowest_s": [{"seconds": round(s, 3), "input": i, "bytes": n} for s, i, n in slowest],
-        "command": "python bench/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    })
+
+
+def _finish(args, argv, summary: dict) -> int:
+    summary["command"] = "python bench/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    return 1 if findings else 0
+    return 1 if summary["findings"] else 0
+
+
+# Scales that bring each hostile kind to about the 20 MiB upload limit (or 1 GiB of inflated text).
+FULL_SCALE = {"png_ztxt_bomb": 16, "png_itxt_bomb": 16, "png_iccp_bomb": 16, "png_many_chunks": 16,
+              "png_many_chunks_after_idat": 16, "jpeg_many_segments": 500, "jpeg_fill_bytes": 100,
+              "gif_header_blocks": 66, "gif_many_frames": 13, "gif_tiny_subblocks": 40, "tiff_many_pages": 8, "webp_many_frames": 10}
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux), MiB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hostile_pass(scorer, kinds: dict, findings: list, args) -> list[dict]:
+    """Each hostile kind at full size, through decode_image() and through /score (default limits)."""
+    from fastapi.testclient import TestClient
+
+    from app.service import create_app
+    from app.settings import ServiceSettings
+    from model.preprocess import ImageDecodeError, decode_image
+
+    rows = []
+    app = create_app(ServiceSettings(warmup=False), scorer=scorer)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.05)
+        for name, (make, expected, frames) in kinds.items():
+            data = make(FULL_SCALE.get(name, 1))
+            rss_before = _rss_mib()
+            t0 = time.perf_counter()
+            try:
+                got = decode_image(data)
+                outcome, detail = "ok", got.info["n_frames"]
+                del got
+            except ImageDecodeError as exc:
+                outcome, detail = exc.reason, exc.message
+            decode_s = time.perf_counter() - t0
+            rss_after = _rss_mib()
+            t0 = time.perf_counter()
+            r = client.post("/score", files={"file": (name, data, "application/octet-stream")})
+            app_s = time.perf_counter() - t0
+            answer = r.json().get("warnings") if r.status_code == 200 else r.json().get("error", {}).get("reason")
+            row = {"kind": name, "bytes": len(data), "decode": outcome, "detail": detail, "decode_s": round(decode_s, 3),
+                   "rss_mib_before": round(rss_before, 1), "rss_mib_after": round(rss_after, 1),
+                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   "app_status": r.status_code, "app_answer": answer, "app_s": round(app_s, 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if outcome != expected or (frames is not None and detail != frames) or r.status_code >= 500:
+                findings.append({"input": name, "where": "hostile", "what": f"expected {expected}: {row}"})
+            if max(decode_s, app_s) > args.slow_s:
+                findings.append({"input": name, "where": "hostile", "what": f"slow: {row}"})
+            del data
+    return rows
 
 
 def _judge(path: str, r, reasons) -> str | None:

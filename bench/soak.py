@@ -8,7 +8,8 @@
 3. Measures capacity: closed loop, --clients clients on /score for --capacity-s seconds (images/s).
 4. Overload: open loop (Poisson arrivals) at --overload x capacity for --minutes, mixed traffic:
    /score 55%, /score/batch of 2-4 images 15%, /heatmap 10%, bad uploads 20% (text, empty,
-   truncated JPEG, wrong field, two files to /score). At most --max-requests requests are sent.
+   truncated JPEG, wrong field, two files to /score, and the refused kinds of
+   tests/hostile_inputs.py: metadata bombs, repeated structure). At most --max-requests requests are sent.
 Reported: answers by status (the goal: only 200, the expected 4xx, and 503 with Retry-After; no
 timeouts, resets or 5xx), p50/p99 latency of the 200s per endpoint, the server's resident memory
 before the overload, once warm (after the first 20% of the overload, when every endpoint and
@@ -52,7 +53,16 @@ def bad_uploads(good: bytes) -> list[tuple[str, dict, tuple[int, str]]]:
         ("/score", [("file", ("a.jpg", good, "image/jpeg")), ("file", ("b.jpg", good, "image/jpeg"))],
          (422, "multiple_files")),
         ("/heatmap", {"file": ("notes.txt", b"plain text", "text/plain")}, (415, "not_an_image")),
-    ]
+    ] + hostile_uploads()
+
+
+def hostile_uploads() -> list[tuple[str, dict, tuple[int, str]]]:
+    """tests/hostile_inputs.py's kinds that are refused (metadata bombs, repeated structure), at test size."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from hostile_inputs import HOSTILE
+
+    return [("/score", {"file": (name, make(1), "application/octet-stream")}, (422, expected))
+            for name, (make, expected, _) in HOSTILE.items() if expected != "ok"]
 
 
 async def closed_loop(url: str, payloads, *, clients: int, seconds: float) -> float:

@@ -7,19 +7,23 @@ trunk's input scaling happens inside the network, so tensors here are always in 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import mmap
 import os
 import re
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from . import formats
 
 # Decompression-bomb guard: 64 MP covers any camera photo; beyond that we refuse.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -39,51 +43,47 @@ MAX_NAN_FRACTION = 0.01
 
 
 def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode any Pillow-readable image to upright, colour-managed 8-bit sRGB (mode RGB).
+    """Decode any Pillow-readable image (and HEIF/HEIC) to upright, colour-managed 8-bit sRGB (mode RGB).
 
     EXIF orientation is applied, an embedded ICC profile is converted to sRGB, and every mode
     is mapped to RGB by `to_rgb` (see there for bit depths, float data and alpha).
-    Only the first frame/page of a multi-frame file is decoded; the result's `info["n_frames"]`
-    says how many the file has (model.quality.input_warnings warns "multi_frame").
+    Only one frame/page of a multi-frame file is decoded (the first; for HEIF the primary image);
+    the result's `info["n_frames"]` says how many the file has, counted up to
+    model.formats.MAX_FRAMES_COUNTED (model.quality.input_warnings warns "multi_frame").
+    A JPEG whose scans are complete but whose end-of-image marker is missing is decoded with the
+    marker restored and `info["truncated_end"]` set (warning "truncated_end"); one cut inside its
+    image data stays corrupt. Files whose structure would cost Pillow seconds to parse (model.formats)
+    are refused as corrupt before Pillow sees them.
     Raises ImageDecodeError with reason empty, not_found, not_an_image, corrupt, too_many_pixels
     or non_finite.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageDecodeError("empty", "the upload is empty (0 bytes)")
-        stream = io.BytesIO(source)
+        data, path = bytes(source), None
     else:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise ImageDecodeError("not_found", f"no such file: {path}")
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty", f"the file is empty (0 bytes): {path}")
-        stream = path
+        data = None
     _let_pillow_open(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb check warns at 89 MP and raises at 179 MP; we apply our own limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(stream)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "too_many_pixels",
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                )
-            n_frames = _frame_count(img)
-            img.load()
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not_an_image", "not an image format that Pillow can read") from None
-    except Image.DecompressionBombError as exc:
-        # Pillow refused from the header before we saw the size; quote our limit, not Pillow's.
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{found.group(1)} pixels" if found else "over the limit"
-        raise ImageDecodeError("too_many_pixels", f"image is {size}; the limit is {max_pixels}") from None
-    except Exception as exc:  # any decoder failure on hostile bytes is the file's fault, not ours
-        raise ImageDecodeError("corrupt", f"the image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    formats.register_plugins()
+    formats.tighten_pillow_limits()
+    truncated_end = False
+    with _file_buffer(data, path) as buf:
+        problem = formats.structure_problem(buf)
+        if problem:
+            raise ImageDecodeError("corrupt", f"{problem}; refused unread (no encoder writes that)")
+        try:
+            img, n_frames = _open(io.BytesIO(data) if data is not None else path, buf, max_pixels)
+        except _Undecodable as failed:
+            repaired = formats.complete_jpeg(bytes(buf)) if failed.format == "JPEG" else None
+            if repaired is None:
+                raise failed.error from None
+            img, n_frames = _open(io.BytesIO(repaired), repaired, max_pixels)
+            truncated_end = True
     if img.width < 1 or img.height < 1:
         raise ImageDecodeError("corrupt", "the image has no pixels")
     icc_profile = img.info.get("icc_profile")
@@ -97,8 +97,69 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         raise
     except Exception as exc:  # a mode or band layout Pillow opened but cannot convert
         raise ImageDecodeError("corrupt", f"the image cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
-    rgb.info["n_frames"] = n_frames  # only frame 1 is decoded; model.quality.input_warnings warns "multi_frame"
+    rgb.info["n_frames"] = n_frames  # only one frame is decoded; model.quality.input_warnings warns "multi_frame"
+    if truncated_end:
+        rgb.info["truncated_end"] = True  # model.quality.input_warnings warns "truncated_end"
     return rgb
+
+
+class _Undecodable(Exception):
+    """Pillow could not decode the data; `error` is the ImageDecodeError to raise unless a repair works."""
+
+    def __init__(self, error: ImageDecodeError, fmt: str | None):
+        super().__init__(error.message)
+        self.error, self.format = error, fmt
+
+
+def _open(stream, buf, max_pixels: int) -> tuple[Image.Image, int]:
+    """Open, check the size, count frames, decode one frame -> (image, frames in the file)."""
+    img = None
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns at 89 MP and raises at 179 MP; we apply our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream)
+            _check_pixels(img, max_pixels)
+            start = img.tell()  # the first frame; for HEIF the primary image
+            n_frames = formats.count_frames(img, buf)
+            if img.tell() != start:
+                img.seek(start)
+            img.load()
+            _check_pixels(img, max_pixels)  # a plug-in may learn the real size only while decoding
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        refusal = formats.heif_refusal(buf)
+        if refusal:
+            raise ImageDecodeError("corrupt", refusal) from None
+        raise ImageDecodeError("not_an_image", "not an image format that Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        # Pillow refused from the header before we saw the size; quote our limit, not Pillow's.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "over the limit"
+        raise ImageDecodeError("too_many_pixels", f"image is {size}; the limit is {max_pixels}") from None
+    except Exception as exc:  # any decoder failure on hostile bytes is the file's fault, not ours
+        message = formats.text_limit_message(exc) or (
+            f"the image data is corrupt or truncated ({type(exc).__name__}: {exc})")
+        raise _Undecodable(ImageDecodeError("corrupt", message), getattr(img, "format", None)) from None
+    return img, n_frames
+
+
+def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_many_pixels",
+                               f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+
+
+@contextmanager
+def _file_buffer(data: bytes | None, path: str | None):
+    """The whole file as a buffer: the bytes given, or the file mapped read-only (not read)."""
+    if data is not None:
+        yield data
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield mapped
 
 
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -112,16 +173,6 @@ def _let_pillow_open(max_pixels: int) -> None:
     with _PILLOW_LIMIT_LOCK:
         if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < needed:
             Image.MAX_IMAGE_PIXELS = needed
-
-
-def _frame_count(img: Image.Image) -> int:
-    """Frames/pages in the file (animated GIF/PNG/WebP, multi-page TIFF, MPO); 1 for still images."""
-    try:
-        n = int(getattr(img, "n_frames", 1))
-        img.seek(0)  # counting may have moved a lazily-read file off frame 1
-    except Exception:  # a damaged later frame must not lose the first one
-        return 1
-    return max(1, n)
 
 
 def to_rgb(img: Image.Image, *, icc_profile: bytes | None = None) -> Image.Image:
@@ -224,16 +275,31 @@ def _unpremultiply_la(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.stack([np.rint(grey), a], axis=-1).astype(np.uint8), mode="LA")
 
 
-@lru_cache(maxsize=32)
+# Transforms are cached by the profile's SHA-256, not by its bytes: a JPEG may carry a 16 MB
+# profile, and 32 such cache keys would hold 512 MB for good.
+_TRANSFORMS: dict[tuple[bytes, str], object] = {}
+_TRANSFORMS_LOCK = threading.Lock()
+MAX_CACHED_TRANSFORMS = 32
+
+
 def _srgb_transform(profile: bytes, mode: str):
     """A cached ImageCms transform from an embedded profile to sRGB, or None if it is unusable."""
+    key = (hashlib.sha256(profile).digest(), mode)
+    with _TRANSFORMS_LOCK:
+        if key in _TRANSFORMS:
+            return _TRANSFORMS[key]
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
         # NOCACHE: lcms's one-pixel cache is not thread-safe and decoding runs in a thread pool.
-        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, "RGB",
-                                       renderingIntent=ImageCms.Intent.PERCEPTUAL, flags=ImageCms.Flags.NOCACHE)
+        transform = ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, "RGB",
+                                            renderingIntent=ImageCms.Intent.PERCEPTUAL, flags=ImageCms.Flags.NOCACHE)
     except Exception:  # garbage profile, or one for another colour space than the pixels'
-        return None
+        transform = None
+    with _TRANSFORMS_LOCK:
+        _TRANSFORMS[key] = transform
+        while len(_TRANSFORMS) > MAX_CACHED_TRANSFORMS:  # the oldest goes first
+            _TRANSFORMS.pop(next(iter(_TRANSFORMS)))
+    return transform
 
 
 def _icc_to_srgb(img: Image.Image, profile) -> Image.Image | None:

@@ -25,13 +25,19 @@ Codes, in the order they are reported:
   Nyquist, at 256 px, carries under 10^LOWRES_SPECTRUM of the power of its 0.05-0.15 band; real
   photos are above 10^-3.6), or by pixel repetition (rows and columns change at one regular
   spacing, leaving under LOWRES_SIDE distinct rows and columns).
+
+Two codes say what decoding the file found, not what the picture shows, and come last:
+- ``multi_frame``: the file has several frames or pages; one was scored (decode_image's
+  ``info["n_frames"]``).
+- ``truncated_end``: a JPEG whose image data is complete but whose end-of-image marker is
+  missing (a cut-off write); it was scored as the complete file (``info["truncated_end"]``).
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-WARNING_CODES = ("noise", "flat", "text", "low_resolution", "multi_frame")
+WARNING_CODES = ("noise", "flat", "text", "low_resolution", "multi_frame", "truncated_end")
 
 NOISE_CORR = 0.15
 FLAT_STD = 3.0
@@ -137,8 +143,10 @@ def is_low_resolution(img: Image.Image, grey_work: np.ndarray) -> bool:
 
 def input_warnings(img: Image.Image) -> list[str]:
     """Warning codes (a subset of WARNING_CODES, in that order) for a decoded image; [] is fine.
-    "multi_frame": decode_image kept only the first of several frames or pages (img.info["n_frames"])."""
+    "multi_frame": decode_image kept one of several frames or pages (img.info["n_frames"]);
+    "truncated_end": it restored a JPEG's missing end-of-image marker (img.info["truncated_end"])."""
     several_frames = int(img.info.get("n_frames", 1)) > 1
+    truncated_end = bool(img.info.get("truncated_end"))
     if img.mode != "RGB":
         from .preprocess import to_rgb  # every mode, alpha and bit depth as the scorer sees it
 
@@ -162,4 +170,6 @@ def input_warnings(img: Image.Image) -> list[str]:
             found.append("low_resolution")
     if several_frames:
         found.append("multi_frame")
+    if truncated_end:
+        found.append("truncated_end")
     return found

@@ -1,5 +1,6 @@
 """Fuzzing the upload/decode path with Hypothesis (issue 11): random mutations of valid PNG, JPEG,
-GIF, TIFF, WebP, BMP and PGM bytes (16-bit, float, ICC, EXIF, alpha among them), through
+GIF, TIFF, WebP, BMP, PGM, HEIC, AVIF and JPEG 2000 bytes (16-bit, float, ICC, EXIF, alpha,
+frames and pages, a JPEG without its end marker among them), through
 decode_image() and through the app in-process with random part headers. Property: every outcome
 is an RGB image / a score in [0, 1], or a clean refusal (ImageDecodeError / 4xx JSON error);
 never a 500, another exception, a non-finite value or a hang (the pixel limit bounds the work).
@@ -56,6 +57,19 @@ def seed_corpus() -> list[bytes]:
     save(rgb.convert("LA"), "PNG")
     save(rgb.convert("1"), "BMP")
     out.append(b"P5\n8 6\n65535\n" + (rng.integers(0, 65536, 48, dtype=np.uint16)).astype(">u2").tobytes())
+    # issue 21: HEIC, AVIF, JPEG 2000, a progressive JPEG without its end marker, several frames/pages
+    from model.formats import register_plugins
+
+    register_plugins()
+    save(rgb, "HEIF", quality=60)
+    save(rgb.convert("RGBA"), "AVIF", quality=60)
+    save(rgb, "JPEG2000")
+    save(rgb, "JPEG", quality=80, progressive=True)
+    out[-1] = out[-1][:-2]
+    frames = [rgb, rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT), rgb.convert("L").convert("RGB")]
+    save(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    save(frames[0].convert("P"), "GIF", save_all=True, append_images=[f.convert("P") for f in frames[1:]])
+    save(frames[0], "TIFF", save_all=True, append_images=frames[1:])
     return out
 
 

@@ -186,6 +186,22 @@ def _valid(warns) -> bool:
     return isinstance(warns, list) and set(warns) <= set(WARNING_CODES) and len(set(warns)) == len(warns)
 
 
+@pytest.mark.parametrize("n_frames,truncated,picture,expected", [
+    (1, False, "flat", ["flat"]),
+    (3, False, "flat", ["flat", "multi_frame"]),
+    (1, True, "flat", ["flat", "truncated_end"]),
+    (4, True, "flat", ["flat", "multi_frame", "truncated_end"]),
+    (1, True, "photo", ["truncated_end"]),
+])
+def test_file_level_codes_come_last_in_their_order(n_frames, truncated, picture, expected):
+    img = Image.new("RGB", (400, 300), (90, 90, 90)) if picture == "flat" else photo_like(512, seed=0)
+    img.info["n_frames"] = n_frames
+    if truncated:
+        img.info["truncated_end"] = True
+    assert input_warnings(img) == expected
+    assert WARNING_CODES[-2:] == ("multi_frame", "truncated_end")
+
+
 @pytest.mark.parametrize("size", [(1, 1), (1, 5000), (5000, 1), (2, 2), (3, 1000), (7, 9), (20000, 2), (1, 60000)])
 @pytest.mark.parametrize("content", ["random", "constant"])
 def test_extreme_sizes_never_raise(size, content):
