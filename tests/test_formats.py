@@ -248,14 +248,13 @@ def test_a_heic_photo_scores_like_the_same_photo_as_a_high_quality_jpeg():
     and JPEG q95 of the same pixels within 0.02 (measured on 12 pool photos: largest difference
     0.0099, median 0.0030; JPEG q95 itself moves the score by up to 0.012 from the lossless copy)."""
     from conftest import SHARED_DATA
-    from model.backbones import installed_version
-    from model.checkpoint import DEFAULT_WEIGHTS
+    from model.environment import default_weights, installed_version
     from model.scoring import Scorer
 
     pool = sorted((SHARED_DATA / "pool").glob("*.jpg"))[:3]
     if installed_version("resmem") is None or not pool:
         pytest.skip("needs the trunk package resmem and ../shared/data/pool")
-    scorer = Scorer.from_checkpoint(DEFAULT_WEIGHTS, device="cpu", backend="torch", mixed_precision=False)
+    scorer = Scorer.from_checkpoint(default_weights(), device="cpu", backend="torch", mixed_precision=False)
     for path in pool:
         img = Image.open(path).convert("RGB")
         heic, jpeg = (scorer.score_tensors([scorer.prepare(encode(img, fmt))[0]])[0] for fmt in ("HEIF", "JPEG"))
