@@ -129,8 +129,13 @@ def _start_private(client: str, env: dict) -> Engine:
     if os.geteuid() != 0:
         raise EngineUnavailable("no Docker engine runs, and starting dockerd needs root")
     keep = os.environ.get(KEEP_ROOT_ENV)
-    # short: the exec-root holds unix sockets (at most 107 bytes per path)
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="resmemnet-docker-", dir="/tmp"))
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="resmemnet-docker-"))
+    # the exec-root holds unix sockets, whose paths may be 107 bytes at most
+    if len(str(root / "exec" / "containerd" / "containerd.sock.ttrpc")) > 100:
+        if not keep:
+            root.rmdir()
+        raise EngineUnavailable(f"{root} is too long a path for dockerd's sockets: set TMPDIR or "
+                                f"{KEEP_ROOT_ENV} to a shorter folder")
     root.mkdir(parents=True, exist_ok=True)
     sock = root / "docker.sock"
     cmd = [dockerd, "--bridge=none", "--iptables=false", f"--data-root={root / 'data'}",
@@ -144,13 +149,15 @@ def _start_private(client: str, env: dict) -> Engine:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            reason = f"dockerd exited with {process.returncode}: {log.read_text()[-1500:]}"
             engine.close()
-            raise EngineUnavailable(f"dockerd exited with {process.returncode}: {log.read_text()[-1500:]}")
+            raise EngineUnavailable(reason)
         if sock.exists() and _answers(client, engine.env):
             return engine
         time.sleep(0.5)
+    reason = f"dockerd did not answer within 90 s: {log.read_text()[-1500:]}"
     engine.close()
-    raise EngineUnavailable(f"dockerd did not answer within 90 s: {log.read_text()[-1500:]}")
+    raise EngineUnavailable(reason)
 
 
 def _compose_ok(cmd: list[str], env: dict | None = None) -> bool:
