@@ -38,7 +38,8 @@ CMD ["resmemnet", "serve"]
 # ---- torch: a virtual environment with the pinned torch build (CUDA, as the Makefile pins).
 # Its own stage: the largest layer, reused while only the code changes.
 FROM python AS torch
-RUN python3 -m venv /opt/venv
+# python3.11 by name: a base image with another Python fails here, not at run time
+RUN python3.11 -m venv /opt/venv
 # PIP_CONFIG_FILE names the secret for this command only; without the secret pip uses PyPI.
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
     PIP_CONFIG_FILE=/run/secrets/pip.conf pip install torch==2.14.1 torchvision==0.29.1

@@ -56,6 +56,12 @@ def image_env() -> dict[str, str]:
     return env
 
 
+def healthcheck_command() -> list[str]:
+    """The HEALTHCHECK's command (test_service_http.py runs it against a live server)."""
+    (rest,) = [rest for word, rest in resolved("runtime") if word == "HEALTHCHECK"]
+    return json.loads(rest[rest.index("CMD") + 3:].strip())
+
+
 def test_dockerfile_stages_and_runtime():
     names = [n for n in stages() if n != "(args)"]
     # the last stage is what a plain `docker build .` makes; compose names it as its target too
@@ -77,7 +83,7 @@ def test_dockerfile_stages_and_runtime():
     copies = [rest for word, rest in runtime if word == "COPY"]
     assert copies == ["weights /opt/resmemnet/weights"]  # the code is installed from a mount, not copied
     (health,) = [rest for word, rest in runtime if word == "HEALTHCHECK"]
-    assert "/readyz" in health and "--start-period=" in health
+    assert "--start-period=" in health and "/readyz" in " ".join(healthcheck_command())
 
 
 def test_pip_gets_its_configuration_only_as_a_build_secret():
