@@ -127,7 +127,9 @@ PHOTOS = {"a.jpg": photo(1), "b.png": photo(2, (200, 300), "PNG"), "c.jpg": make
 
 
 def host_score(scorer, data: bytes, profile: str = "default") -> float:
-    tensor = scorer.prepare(data)[0]
+    from model.preprocess import decode_image
+
+    tensor = scorer.preprocessing.image_to_tensor(decode_image(data))
     return float(scorer.score_tensor_batch(tensor[None], profile)[0])
 
 
@@ -188,7 +190,7 @@ def test_container_scores_and_heatmaps_like_the_host_scorer(engine, images, host
             expected = gradram.heatmap_for_image(host_scorer.model, host_scorer.preprocessing, img, layer="layer4")
             for fmt, png in (("map", overlay.heatmap_png(expected.heatmap)),
                              ("overlay", overlay.overlay_png(img, expected.heatmap, alpha=0.5, colormap="inferno"))):
-                r = post(base, "/heatmap", photo_name, PHOTOS[photo_name], format=fmt, alpha=0.5)
+                r = post(base, "/heatmap", photo_name, PHOTOS[photo_name], format=fmt, alpha=0.5, layer="layer4")
                 assert r.status_code == 200, r.text
                 assert abs(float(r.headers["X-Memorability-Score"]) - expected.score) <= SCORE_TOL
                 got, want = png_array(r.content), png_array(png)
