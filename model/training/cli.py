@@ -13,7 +13,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def register(sub) -> None:
-    from .train import add_train_arguments
+    from .params import add_train_arguments
 
     t = sub.add_parser(
         "train", help="train ResMem-Net (phased recipe, cross-validation, checkpoint)",
@@ -80,7 +80,8 @@ def _evaluate(args) -> int:
     from model.scoring import Scorer
 
     from .config import DatasetSpec
-    from .data import load_dataset, read_splits
+    from .data import load_dataset
+    from .splits import read_splits
     from .evaluate import evaluate_scores, evaluation_splits, format_report, write_report
 
     try:

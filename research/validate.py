@@ -1,7 +1,7 @@
 """Score labelled validation sets with a ResMem-Net checkpoint (and, with --resmem, the `resmem`
 pip package on the same photos) and report rank and linear agreement with the human scores.
 
-    .venv/bin/python bench/validate.py [--weights W] [--sets cdm_dev,lnsim] [--resmem]
+    python -m research.validate [--weights W] [--sets cdm_dev,lnsim] [--resmem]
                                        [--out DIR] [--limit N] [--data DIR]
 
 Sets (under --data, default ../shared/data; a set whose data is absent is skipped with a message):
@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SET_NAMES = ("cdm_dev", "lnsim")
 
