@@ -58,10 +58,13 @@ def write_teacher(root: Path, n=16) -> Path:
         name = f"pool_{k:03d}.jpg"
         _picture(t[k], (48, 36), seed=100 + k).save(root / name)
         rows.append((name, 3 * t[k] + 1))  # another scale: the mapping puts it on the labelled one
-    path = root / "teacher.csv"
+    return write_rows(root / "teacher.csv", ["name", "resmem_score"], rows)
+
+
+def write_rows(path: Path, header: list[str], rows) -> Path:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["name", "resmem_score"])
+        w.writerow(header)
         w.writerows(rows)
     return path
 

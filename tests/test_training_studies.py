@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.training.config import ConfigError, load_config
 from model.training.train import main as train_main
-from test_training_pipeline import _picture, write_config, write_lnsim, write_teacher
+from test_training_pipeline import _picture, write_config, write_lnsim, write_rows, write_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,12 +29,7 @@ def write_csv_study(root: Path, n: int = 24, cast: int = 1, seed: int = 7) -> Pa
         name = f"img_{k:02d}.png"
         Image.fromarray(img.astype(np.uint8)).save(root / name)
         rows.append((name, f"{scores[k]:.6f}"))
-    path = root / "scores.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "score"])
-        w.writerows(rows)
-    return path
+    return write_rows(root / "scores.csv", ["path", "score"], rows)
 
 
 def two_study_config(path: Path, ws: dict, *, extra_model: str = "", extra: str = "") -> Path:
@@ -164,13 +159,14 @@ def test_head_outputs_re_score_every_profile_exactly(cv_run):
     from model.training.metrics import spearman
 
     cfg = config_from_dict(json.loads((cv_run / "config.json").read_text()))
-    fold = read_head_outputs(cv_run / "cdm" / "fold_2" / "head_outputs.csv")
-    result = json.loads((cv_run / "cdm" / "fold_2" / "result.json").read_text())
-    scores = fold_scores(cfg, fold, {})
-    test = fold["set"] == "test"
-    for name in ("default", "cdm", "lnsim", "general"):
-        assert spearman(scores[name][test], fold["truth"][test]) == pytest.approx(
-            result["profiles"][name]["spearman"], abs=1e-6), name
+    for run in ("cdm/fold_2", "lnsim/fold_1", "loso/cdm"):
+        fold = read_head_outputs(cv_run / run / "head_outputs.csv")
+        result = json.loads((cv_run / run / "result.json").read_text())
+        scores = fold_scores(cfg, fold, {})
+        test = fold["set"] == "test"
+        for name, entry in result["profiles"].items():
+            assert spearman(scores[name][test], fold["truth"][test]) == pytest.approx(entry["spearman"], abs=1e-9), \
+                (run, name)
 
 
 def test_no_test_photo_or_its_mirror_is_a_training_row(ws, tmp_path):
@@ -239,7 +235,7 @@ def test_a_studys_scores_are_mapped_by_rank_onto_the_scale_studys_training_score
     assert np.all(spec.targets[spec.test_idx] == 0)  # the test photos' scores are never mapped or used
 
 
-def test_the_domain_output_tells_each_study_and_the_teacher_apart(ws, cv_run, tmp_path):
+def test_the_domain_output_tells_each_study_and_the_teacher_apart(ws, cv_run, tmp_path, capsys):
     """Final run: the multi-class ridge classifier (one column per study + the teacher's) puts each
     kind of photo in its own column; the profiles are stored in the checkpoint and reload."""
     from model.checkpoint import load_checkpoint, read_meta
@@ -274,3 +270,40 @@ def test_the_domain_output_tells_each_study_and_the_teacher_apart(ws, cv_run, tm
             table = scorer.profile_score_batch(x, ["default", "cdm", "outdoor"])
             assert torch.allclose(table[:, 0], profile_score(out, arch, "default"), atol=1e-6)
             assert torch.allclose(table[:, 2], profile_score(out, arch, "lnsim"), atol=1e-6)  # outdoor = lnsim
+    from app.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["info", "--weights", str(run / "tiny.json")]) == 0
+    assert "default, lnsim, cdm, general, outdoor" in capsys.readouterr().out
+
+
+def test_a_shared_output_and_a_softmax_gate(ws, tmp_path):
+    """model.shared_output fits one output to both studies' rows on the common scale (each study
+    the same total weight); profiles.general = "shared" blends it with the teacher output; the
+    softmax gate mixes the studies' profiles and general by the domain columns."""
+    from model.checkpoint import load_checkpoint
+    from model.training.context import build_context
+    from model.training.pool import make_run_spec
+    from model.training.readout_fit import _shared_rows
+    from model.training.state import EpochBudget
+
+    cfg_path = two_study_config(tmp_path / "c.toml", ws, extra_model="shared_output = true\n",
+                                extra='\n[profiles]\ngeneral = "shared"\ngeneral_blend = 0.6\ngate = "softmax"\n'
+                                      "temperature = 0.2\n")
+    run = tmp_path / "final"
+    assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
+    _, meta = load_checkpoint(run / "tiny.json")
+    arch = meta.architecture
+    assert arch.output_names[:4] == ("lnsim", "cdm", "shared", "teacher")
+    specs = {p.name: p for p in arch.profiles}
+    assert specs["general"].inputs == ("shared", "teacher") and specs["general"].weights == pytest.approx((0.6, 0.4))
+    assert specs["default"].gate == "softmax" and specs["default"].temperature == 0.2
+    assert specs["default"].gate_inputs == ("domain.lnsim", "domain.cdm", "domain.teacher")
+    assert meta.training["readout"]["shared"]["rows"] == 2 * (38 + 24)
+    ctx = build_context(load_config(str(cfg_path)), tmp_path / "x", {}, device_name="cpu", resume=False,
+                        budget=EpochBudget(None), log=lambda m: None, write_run=False)
+    plan = ctx.pool.plan["studies"]
+    spec = make_run_spec(ctx.cfg, ctx.pool, "final", tmp_path, {s: p["final"]["train"] for s, p in plan.items()}, {}, None)
+    idx, w = _shared_rows(ctx, spec, ctx.pool.studies, ctx.pool.study_of(spec.train_idx))
+    which = ctx.pool.study_of(idx)
+    assert w[which == 0].sum() == pytest.approx(w[which == 1].sum())  # 38 and 24 photos, the same total

@@ -58,8 +58,9 @@ def write_head_outputs(path: Path, ctx: RunContext, spec: RunSpec, outputs: RunO
                           ("teacher_holdout", spec.holdout_idx)):
             which = pool.study_of(idx)
             for i, k, row in zip(idx, which, outputs[idx]):
-                target = f"{spec.targets[i]:.6f}" if name == "train" else ""
-                w.writerow([keys[int(i)], study[k], name, f"{truth[i]:.6f}", target, *(f"{v:.6f}" for v in row)])
+                # exact: float32 outputs round-trip with 9 digits, float64 scores with 17
+                target = f"{spec.targets[i]:.17g}" if name == "train" else ""
+                w.writerow([keys[int(i)], study[k], name, f"{truth[i]:.17g}", target, *(f"{v:.9g}" for v in row)])
 
 
 def run_final(ctx: RunContext) -> bool:
