@@ -24,14 +24,6 @@ from .trunks import TrunkLoadError, TrunkSource
 FORMAT = "resmemnet-checkpoint/1"
 
 
-def __getattr__(name: str):
-    # DEFAULT_WEIGHTS, for callers not yet moved to default_weights(): read when it is imported,
-    # not when this module loads, so RESMEMNET_WEIGHTS set later is heard.
-    if name == "DEFAULT_WEIGHTS":
-        return default_weights()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class CheckpointError(ModelFileError):
     """A checkpoint that is missing, tampered with, truncated or does not fit its architecture."""
 

@@ -4,8 +4,10 @@ and as an NVIDIA Triton model repository.
 The graph is traced through ResMemNet.forward, so whatever the checkpoint's architecture holds
 is exported with it. Input `image`: float32 (batch, 3, H, W) RGB in [0, 1], H and W the
 checkpoint's input size (dynamic when its resize policy keeps the aspect ratio); output `score`:
-float32 (batch,) in [0, 1]. A JSON sidecar names the checkpoint and the sha256 of every file
-the export came from. Exported files are big (the trunk's weights) and never shipped: they are
+float32 (batch,) in [0, 1], the default profile; for a ResMem-Net also `profile_scores`: float32
+(batch, P), every score profile (model/profiles.py) one column each, their names in the sidecar
+(`onnx.profile_output.profiles`, default first). A JSON sidecar names the checkpoint and the
+sha256 of every file the export came from. Exported files are big (the trunk's weights) and never shipped: they are
 built from the installed trunk on first use and kept in cache_dir()/onnx.
 """
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from .errors import ModelFileError
 from .filecache import cache_dir, sha256_file, verified_sha256
 
-FORMAT = "resmemnet-onnx/1"
+FORMAT = "resmemnet-onnx/2"  # /2: the profile_scores output
 INPUT_NAME, OUTPUT_NAME = "image", "score"
+PROFILES_OUTPUT = "profile_scores"
 OPSET = 17
 TRITON_PLATFORM = "onnxruntime_onnx"
 # Largest difference allowed between the exported graph and torch on the same fp32 input.
@@ -88,6 +91,31 @@ def cache_key(identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _profile_graph(model):
+    """A ResMem-Net as (score, every profile's score): the head's outputs once, each profile one
+    column (the same element-wise ops as the torch model). None for any other module."""
+    import torch
+    from torch import nn
+
+    from .profiles import profile_names, profile_score
+
+    if not (hasattr(model, "cfg") and hasattr(model, "forward_features") and hasattr(model.cfg, "output_names")):
+        return None
+
+    class ProfileGraph(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.names = profile_names(net.cfg)
+
+        def forward(self, images):
+            outputs = self.net.head.outputs(self.net.forward_features(images))
+            table = torch.stack([profile_score(outputs, self.net.cfg, p) for p in self.names], dim=1)
+            return table[:, 0], table
+
+    return ProfileGraph(model).eval()  # eval: the exporter restores the wrapper's mode on everything inside it
+
+
 def export_onnx(model, preprocessing, out: str | os.PathLike, *, checkpoint: dict | None = None,
                 verify: bool = True) -> OnnxExport:
     """Trace `model` (a ResMemNet, any head) through its forward and write `out` + sidecar.
@@ -103,18 +131,20 @@ def export_onnx(model, preprocessing, out: str | os.PathLike, *, checkpoint: dic
     height, width = input_hw(preprocessing)
     example_hw = (height or preprocessing.resize.size, width or preprocessing.resize.size)
     model = model.eval().float().to("cpu")
+    graph = _profile_graph(model)
     example = torch.rand(2, 3, *example_hw, generator=torch.Generator().manual_seed(0))
     axes = {0: "batch"} if height else {0: "batch", 2: "height", 3: "width"}
+    names = [OUTPUT_NAME] + ([PROFILES_OUTPUT] if graph is not None else [])
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter: exact for these ops, seconds not minutes, and no onnxscript.
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
-                              dynamo=False, do_constant_folding=True)
+            torch.onnx.export(graph if graph is not None else model, (example,), str(tmp), input_names=[INPUT_NAME],
+                              output_names=names, dynamic_axes={INPUT_NAME: axes, **{n: {0: "batch"} for n in names}},
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
         if verify:
-            _verify(model, tmp, example)
+            _verify(model, tmp, example, graph)
         digest = sha256_file(tmp)
         os.replace(tmp, out)
     finally:
@@ -129,15 +159,19 @@ def export_onnx(model, preprocessing, out: str | os.PathLike, *, checkpoint: dic
                            "meaning": "RGB in [0, 1], resized as `preprocessing` says (no mean/std: the graph "
                                       "normalises)"},
                  "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"],
-                            "meaning": "memorability score in [0, 1]"}},
+                            "meaning": "memorability score in [0, 1] (the default profile)"}},
         "preprocessing": preprocessing.to_dict(),
         "exporter": {"torch": torch.__version__},
     }
+    if graph is not None:
+        info["onnx"]["profile_output"] = {"name": PROFILES_OUTPUT, "dtype": "float32",
+                                          "shape": ["batch", len(graph.names)], "profiles": list(graph.names),
+                                          "meaning": "every score profile's score in [0, 1], one column each"}
     _write_json(sidecar_path(out), info)
     return OnnxExport(out, info)
 
 
-def _verify(model, onnx_path: Path, example) -> None:
+def _verify(model, onnx_path: Path, example, graph=None) -> None:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -146,14 +180,15 @@ def _verify(model, onnx_path: Path, example) -> None:
     import torch
 
     with torch.no_grad():
-        expected = model(example).numpy()
+        expected = [model(example).numpy()] + ([graph(example)[1].numpy()] if graph is not None else [])
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: example.numpy()})[0]
-    if got.shape != expected.shape or not np.allclose(got, expected, atol=EXPORT_TOLERANCE, rtol=0):
-        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("nan")
-        raise ExportError(f"the exported graph does not reproduce the model (shapes {got.shape} vs "
-                          f"{expected.shape}, largest difference {diff:.2e}); this architecture does not "
-                          "trace to ONNX")
+    names = [OUTPUT_NAME] + ([PROFILES_OUTPUT] if graph is not None else [])
+    for got, want in zip(session.run(names, {INPUT_NAME: example.numpy()}), expected):
+        if got.shape != want.shape or not np.allclose(got, want, atol=EXPORT_TOLERANCE, rtol=0):
+            diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+            raise ExportError(f"the exported graph does not reproduce the model (shapes {got.shape} vs "
+                              f"{want.shape}, largest difference {diff:.2e}); this architecture does not "
+                              "trace to ONNX")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -288,6 +323,13 @@ def triton_config(export_info: dict, options: TritonOptions = TritonOptions()) -
     shape = export_info["onnx"]["input"]["shape"][1:]
     dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape)
     preferred = ", ".join(str(b) for b in options.preferred_batch_sizes)
+    profiles = export_info["onnx"].get("profile_output")
+    profile_output = "" if not profiles else f""",
+  {{
+    name: "{PROFILES_OUTPUT}"
+    data_type: TYPE_FP32
+    dims: [ {len(profiles['profiles'])} ]  # columns: {', '.join(profiles['profiles'])}
+  }}"""
     return f"""# ResMem-Net {export_info['checkpoint'].get('name', '')} {export_info['checkpoint'].get('version', '')}: \
 memorability of RGB images.
 # Input: float32 RGB in [0, 1], resized as the checkpoint's preprocessing says:
@@ -308,8 +350,8 @@ output [
     name: "{OUTPUT_NAME}"
     data_type: TYPE_FP32
     dims: [ 1 ]
-    reshape: {{ shape: [ ] }}  # the model's output is (batch,): one score per image
-  }}
+    reshape: {{ shape: [ ] }}  # the model's output is (batch,): one score per image (the default profile)
+  }}{profile_output}
 ]
 dynamic_batching {{
   preferred_batch_size: [ {preferred} ]

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from . import profiles as _profiles
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .profiles import SCORE_KNEES, ProfileSpec, soft_clamp  # noqa: F401  (soft_clamp lives with the profiles)
 from .resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet
 
 
@@ -49,8 +51,20 @@ class ResMemNetConfig:
     domain_gate: bool = False
     gate_center: float = 0.5
     gate_width: float = 0.1
+    # Named head output columns and the score profiles over them (model/profiles.py), written by
+    # the training module (e.g. outputs lnsim, cdm, teacher, domain.*; profiles lnsim, cdm,
+    # general, default). Empty in checkpoints written before named outputs: their columns are
+    # labelled, [teacher], [domain] and their profiles follow from the fields above.
+    outputs: tuple[str, ...] = ()
+    profiles: tuple[ProfileSpec, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "profiles", tuple(ProfileSpec.from_dict(p) for p in self.profiles))
+        if self.profiles and not self.outputs:
+            raise ValueError("profiles need named outputs")
+        if self.outputs:
+            _profiles.check_specs(self.outputs, self.profiles)
         if self.backbone not in BLOCKS_PER_STAGE:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose from {sorted(BLOCKS_PER_STAGE)}")
         if self.head not in HEADS:
@@ -80,8 +94,13 @@ class ResMemNetConfig:
 
     @property
     def n_outputs(self) -> int:
-        """Head outputs: labelled, then teacher (teacher_output), then domain (domain_gate)."""
-        return 1 + int(self.teacher_output) + int(self.domain_gate)
+        """Head output columns (output_names); without named outputs: labelled, then teacher
+        (teacher_output), then domain (domain_gate)."""
+        return len(self.output_names)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return _profiles.output_names(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +108,7 @@ class ResMemNetConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ResMemNetConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return cls(**known)  # __post_init__ turns lists into tuples and profile dicts into ProfileSpecs
 
     @property
     def trunk_tap_channels(self) -> list[int]:
@@ -223,78 +242,46 @@ class TapReadout(nn.Module):
         return list(torch.split(flat, self.cfg.tap_channels, dim=1))
 
 
-SCORE_KNEES = (0.1, 0.9)
-
-
-def soft_clamp(score: torch.Tensor, lo: float = SCORE_KNEES[0], hi: float = SCORE_KNEES[1]) -> torch.Tensor:
-    """Identity on [lo, hi]; beyond, tails u / (1 + u) that approach 0 and 1 with slope 1 at the
-    knees. Strictly increasing and smooth, so it keeps every ranking and gradient: a hard clamp
-    tied every photo past a bound (it cost 0.012 of agreement with the teacher on pool photos)
-    and gave them empty heatmaps. Rational rather than tanh tails: they decay slowly enough that
-    float32 still separates scores far past a knee."""
-    up = ((score - hi) / (1.0 - hi)).clamp(min=0)  # clamped: the branch torch.where drops stays finite
-    down = ((lo - score) / lo).clamp(min=0)
-    upper = hi + (1.0 - hi) * up / (1.0 + up)
-    lower = lo - lo * down / (1.0 + down)
-    return torch.where(score > hi, upper, torch.where(score < lo, lower, score))
-
-
 def domain_weight(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
     """(B, 3) outputs of a gated head -> (B,) g in (0, 1): the weight of the calibrated blend."""
     return torch.sigmoid((outputs[:, 2] - cfg.gate_center) / cfg.gate_width)
 
 
 def blend_outputs(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
-    """(B, n_outputs) -> (B,) score: the labelled output, blended with the teacher output if any,
-    then calibrated (identity unless training fitted it); with a domain gate, mixed with the
-    teacher output by domain_weight; kept in [0, 1] by soft_clamp."""
-    if outputs.shape[1] == 1:
-        score = outputs[:, 0]
-    else:
-        score = cfg.score_blend * outputs[:, 0] + (1.0 - cfg.score_blend) * outputs[:, 1]
-    score = cfg.score_scale * score + cfg.score_shift
-    if cfg.domain_gate:
-        g = domain_weight(outputs, cfg)
-        score = g * score + (1.0 - g) * outputs[:, 1]
-    return soft_clamp(score)  # a linear readout or a calibration can leave [0, 1]
+    """(B, n_outputs) -> (B,) score of the model: its `default` profile (model/profiles.py), kept in
+    [0, 1] by soft_clamp. For a config without named outputs: the labelled output, blended with the
+    teacher output if any, then calibrated; with a domain gate, mixed with the teacher output by
+    domain_weight."""
+    return _profiles.profile_score(outputs, cfg, "default")
 
 
-# Score profiles a request can choose (the same head outputs, combined differently):
+# The profiles of checkpoints without named outputs (model/profiles.py, legacy_profiles):
 #   default: the checkpoint's own score (blend_outputs);
 #   general: the teacher output alone, bounded by soft_clamp: for photos unlike the labelled set;
 #   outdoor: the calibrated blend without the domain gate: for photos like the labelled set.
-PROFILES = ("default", "general", "outdoor")
+# Models trained on named studies have theirs in ResMemNetConfig.profiles.
+PROFILES = _profiles.LEGACY_PROFILES
 
 
 def available_profiles(cfg: ResMemNetConfig) -> tuple[str, ...]:
-    """The profiles a model with this config can score: all three with a teacher output, else default."""
-    return PROFILES if cfg.teacher_output else PROFILES[:1]
+    """The profiles a model with this config can score, "default" first."""
+    return _profiles.profile_names(cfg)
 
 
 def check_profile(cfg: ResMemNetConfig, profile: str) -> str:
     """`profile`, or model.errors.InputError (a ValueError) naming the profiles a model with this config has."""
-    if profile not in available_profiles(cfg):
-        from .errors import InputError
-
-        shown = profile if len(str(profile)) <= 40 else f"{str(profile)[:40]}..."  # echo no huge values
-        raise InputError(f"unknown profile {shown!r}; this model has {', '.join(available_profiles(cfg))}")
-    return profile
+    return _profiles.check_profile(cfg, profile)
 
 
 def profile_score(outputs: torch.Tensor, cfg: ResMemNetConfig, profile: str = "default") -> torch.Tensor:
-    """(B, n_outputs) head outputs -> (B,) scores of one profile (PROFILES); check_profile's error for
-    a profile this model has not got (callers check once where a name enters; this is the backstop)."""
-    if profile == "default":
-        return blend_outputs(outputs, cfg)
-    check_profile(cfg, profile)  # general and outdoor need the teacher output
-    if profile == "general":
-        return soft_clamp(outputs[:, 1])
-    return blend_outputs(outputs, replace(cfg, domain_gate=False))  # outdoor
+    """(B, n_outputs) head outputs -> (B,) scores of one profile; ValueError for a profile this
+    model has not got (check_profile)."""
+    return _profiles.profile_score(outputs, cfg, profile)
 
 
 def profile_scores(outputs: torch.Tensor, cfg: ResMemNetConfig) -> torch.Tensor:
     """(B, n_outputs) -> (B, len(available_profiles(cfg))) scores, in that order."""
-    return torch.stack([profile_score(outputs, cfg, p) for p in available_profiles(cfg)], dim=1)
+    return _profiles.profile_scores(outputs, cfg)
 
 
 class HeadEnsemble(nn.Module):
@@ -362,8 +349,18 @@ class ResMemNet(nn.Module):
         return out if self.cfg.taps == "all" else out[-1:]
 
     def set_score_calibration(self, scale: float = 1.0, shift: float = 0.0) -> "ResMemNet":
-        """Set the affine score calibration (1, 0 = none) on the model and its head(s)."""
-        self.cfg = replace(self.cfg, score_scale=float(scale), score_shift=float(shift))
+        """Set the affine score calibration (1, 0 = none) of a config without named outputs."""
+        return self.set_config(replace(self.cfg, score_scale=float(scale), score_shift=float(shift)))
+
+    def set_profiles(self, profiles) -> "ResMemNet":
+        """Replace the score profiles (ProfileSpecs over the named outputs, model/profiles.py)."""
+        return self.set_config(replace(self.cfg, profiles=tuple(profiles)))
+
+    def set_config(self, cfg: ResMemNetConfig) -> "ResMemNet":
+        """A config that changes only how outputs become scores (profiles, calibration, blend, gate)."""
+        if cfg.n_outputs != self.cfg.n_outputs or cfg.tap_channels != self.cfg.tap_channels:
+            raise ValueError("set_config changes how outputs are scored, not the head's shape")
+        self.cfg = cfg
         for module in self.head.modules():
             if isinstance(module, (TapHead, HeadEnsemble, TapReadout)):
                 module.cfg = self.cfg

@@ -90,7 +90,7 @@ def test_two_gloo_processes_match_one_process_and_resume(ws, tmp_path):
     from model.training.config import load_config
     from model.training.data import load_lnsim
     from model.training.features import extract_pooled
-    from model.training.train import build_model, preprocessing_for
+    from model.training.model_setup import build_model, preprocessing_for
 
     config = load_config(str(cfg))
     model, _ = build_model(config)
@@ -133,7 +133,7 @@ def test_trunk_training_under_torchrun_runs_on_global_batch_statistics(ws, tmp_p
     # torch's BatchNorm gradient is off, single weights differ by up to a step. Compare how far
     # the trunk moved in both runs instead.
     from model.training.config import load_config
-    from model.training.train import build_model
+    from model.training.model_setup import build_model
 
     w0 = build_model(load_config(str(cfg)))[0].state_dict()
     for k in ("trunk.conv1.weight", "trunk.layer1.0.conv1.weight", "trunk.layer4.2.conv3.weight"):
@@ -204,12 +204,12 @@ def test_readout_cross_validation_under_torchrun_equals_one_process(ws, tmp_path
     two = tmp_path / "two"
     r = torchrun(2, "--config", str(cfg), "--cv", "--out", str(two))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("readout output 1 (teacher") == 3  # once per fold: rank 0 fits, rank 1 receives
+    assert r.stderr.count("readout output teacher (") == 3  # once per fold: rank 0 fits, rank 1 receives
     one = tmp_path / "one"
     assert train_main(["--config", str(cfg), "--cv", "--out", str(one)]) == 0
     cv1, cv2 = (json.loads((d / "cv.json").read_text()) for d in (one, two))
     assert cv2["mean"]["spearman"] == pytest.approx(cv1["mean"]["spearman"], abs=1e-9)
-    for fold in ("fold_1", "fold_2", "fold_3"):
+    for fold in ("lnsim/fold_1", "lnsim/fold_2", "lnsim/fold_3"):
         rows1, rows2 = (list(csv.DictReader(open(d / fold / "predictions.csv"))) for d in (one, two))
         assert [x["image"] for x in rows1] == [x["image"] for x in rows2]
         np.testing.assert_allclose([float(x["predicted"]) for x in rows2], [float(x["predicted"]) for x in rows1],

@@ -1,6 +1,7 @@
 """ONNX export (whole model, through its forward), its cache, and the Triton model repository."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -62,6 +63,31 @@ def test_export_equals_torch_any_batch(tmp_path, head):
         np.testing.assert_allclose(run_onnx(export.path, x), torch_scores(model, x), atol=1e-4, rtol=0)
     assert export.info["onnx"]["input"]["shape"] == ["batch", 3, 64, 64]
     assert json.loads(export.sidecar.read_text())["onnx"]["sha256"] == export.info["onnx"]["sha256"]
+
+
+def test_export_outputs_every_profile_one_column_each(tmp_path):
+    """A model with named outputs and profiles (several studies, a gated default): `score` is the
+    default profile, `profile_scores` every profile, named in the sidecar, as the torch model."""
+    from test_profile_specs import OUTPUTS, specs
+
+    from model.export import PROFILES_OUTPUT
+    from model.profiles import profile_names, profile_scores
+
+    model = tiny_model(head="readout", teacher_output=True, outputs=OUTPUTS, profiles=specs("softmax"))
+    export = export_onnx(model, square(64), tmp_path / "m.onnx")
+    x = images(3, 64, 64, seed=4)
+    session = ort.InferenceSession(str(export.path), providers=["CPUExecutionProvider"])
+    score, table = session.run([OUTPUT_NAME, PROFILES_OUTPUT], {INPUT_NAME: x})
+    with torch.no_grad():
+        expected = profile_scores(model.head.outputs(model.forward_features(torch.from_numpy(x))), model.cfg).numpy()
+    np.testing.assert_allclose(table, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(score, torch_scores(model, x), atol=1e-4, rtol=0)
+    described = export.info["onnx"]["profile_output"]
+    assert described["profiles"] == list(profile_names(model.cfg)) == ["default", "lnsim", "cdm", "general", "outdoor"]
+    assert described["shape"] == ["batch", 5]
+    if importlib.util.find_spec("tritonclient") is not None:
+        cfg = parse_triton_config(triton_config(export.info))
+        assert [(o.name, list(o.dims)) for o in cfg.output] == [(OUTPUT_NAME, [1]), (PROFILES_OUTPUT, [5])]
 
 
 def test_aspect_keeping_policy_exports_dynamic_height_and_width(tmp_path, tiny_checkpoint):

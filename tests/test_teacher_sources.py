@@ -11,7 +11,7 @@ from PIL import Image
 
 from model.training.config import ConfigError, TeacherSpec, load_config
 from model.training.data import load_lnsim, load_teacher
-from model.training.pool import FeatureTable
+from model.training.features import FeatureTable
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -166,10 +166,10 @@ def test_readout_run_with_extra_teacher_and_teacher_augmentations(tmp_path, caps
     assert counts["labelled_images"] == 38 and counts["teacher_images"] == 28
     n_teacher_train = 28 - counts["teacher_holdout"]
     fitted = meta.training["readout"]
-    assert fitted["labelled"]["rows"] == 2 * 38  # mirrored and not
+    assert fitted["lnsim"]["rows"] == 2 * 38  # mirrored and not
     assert fitted["teacher"]["rows"] == n_teacher_train  # unmirrored only
-    assert fitted["labelled"]["branch_share"] == 0.0 and fitted["teacher"]["branch_share"] == 0.0
-    assert f"readout output 1 (teacher, {n_teacher_train} rows" in err
+    assert fitted["lnsim"]["branch_share"] == 0.0 and fitted["teacher"]["branch_share"] == 0.0
+    assert f"readout output teacher ({n_teacher_train} rows" in err
     plan = json.loads((run / "splits.json").read_text())["teacher"]  # keys relative to pool/ and pool2/'s parent
     assert plan["n"] == 28 and len(plan["holdout"]) == counts["teacher_holdout"] == len(set(plan["holdout"]))
     assert all(k.split("/")[0] in ("pool", "pool2") and k.endswith(".jpg") for k in plan["holdout"])

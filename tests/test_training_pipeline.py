@@ -58,10 +58,13 @@ def write_teacher(root: Path, n=16) -> Path:
         name = f"pool_{k:03d}.jpg"
         _picture(t[k], (48, 36), seed=100 + k).save(root / name)
         rows.append((name, 3 * t[k] + 1))  # another scale: the mapping puts it on the labelled one
-    path = root / "teacher.csv"
+    return write_rows(root / "teacher.csv", ["name", "resmem_score"], rows)
+
+
+def write_rows(path: Path, header: list[str], rows) -> Path:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["name", "resmem_score"])
+        w.writerow(header)
         w.writerows(rows)
     return path
 
@@ -226,7 +229,7 @@ def _mse_of(model, preprocessing, data) -> float:
 def test_training_reduces_the_loss_and_writes_a_loadable_checkpoint(workspace, tmp_path, capsys):
     from model.checkpoint import load_checkpoint
     from model.training.config import load_config
-    from model.training.train import build_model, preprocessing_for
+    from model.training.model_setup import build_model, preprocessing_for
 
     cfg_path = write_config(tmp_path / "cfg.toml", workspace["lnsim"], workspace["cache"],
                             [("frozen", 8, 1e-3, 1e-2, True, True), ("frozen-images", 1, 1e-4, 1e-3, True, False)],
@@ -274,15 +277,17 @@ def test_teacher_output_is_trained_on_teacher_rows_and_blended_into_the_score(wo
     model, meta = load_checkpoint(run / "tiny.json")
     arch = meta.architecture
     assert arch.teacher_output and arch.score_blend == 0.7
-    assert model.head.out.out_features == 2
-    # The blend was mapped onto the labelled scale after training (least squares, ranking kept).
-    assert arch.score_scale > 0 and (arch.score_scale, arch.score_shift) != (1.0, 0.0)
+    assert model.head.out.out_features == 2 and arch.output_names == ("lnsim", "teacher")
+    # The blend was mapped onto the labelled scale after training (least squares, ranking kept):
+    # the study's profile, which the default one names (an LSTM head has no domain output).
+    lnsim = next(p for p in arch.profiles if p.name == "lnsim")
+    assert lnsim.weights == pytest.approx((0.7, 0.3)) and lnsim.scale > 0 and (lnsim.scale, lnsim.shift) != (1.0, 0.0)
     assert "score calibration" in capsys.readouterr().err
     with torch.no_grad():
         pooled = model.forward_features(torch.rand(3, 3, 32, 32))
         both = model.head.outputs(pooled)
         blended = 0.7 * both[:, 0] + 0.3 * both[:, 1]
-        expected = soft_clamp(arch.score_scale * blended + arch.score_shift)
+        expected = soft_clamp(lnsim.scale * blended + lnsim.shift)
         assert torch.allclose(model.head(pooled), expected, atol=1e-6)
 
 
@@ -302,6 +307,7 @@ def test_cv_of_a_teacher_output_model_reports_the_whole_blend_curve(workspace, t
     with open(run / "cv_blend.csv") as fh:
         assert next(csv.reader(fh))[:2] == ["blend", "spearman_mean"]
     assert "score_blend" in capsys.readouterr().err
+    assert (run / "lnsim" / "fold_1" / "head_outputs.csv").is_file()  # an LSTM run's outputs, from the cache
 
 
 def test_readout_head_is_fitted_in_closed_form_and_its_checkpoint_scores_images(workspace, tmp_path, capsys):
@@ -316,13 +322,13 @@ def test_readout_head_is_fitted_in_closed_form_and_its_checkpoint_scores_images(
     run = tmp_path / "run"
     assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
     err = capsys.readouterr().err
-    assert "readout output 1 (teacher" in err and "readout output 0 (labelled, 76 rows, shrunk towards" in err
+    assert "readout output teacher (" in err and "readout output lnsim (76 rows, shrunk towards" in err
     assert not (run / "log.csv").exists() or not _read_log(run)  # no gradient epochs
     model, meta = load_checkpoint(run / "tiny.json")
     assert meta.architecture.head == "readout" and model.head.out.out_features == 2
     chosen = meta.training["readout"]  # the penalty each output's inner CV chose, and its curve
-    assert chosen["labelled"]["alpha"] in (0.1, 10.0) and set(chosen["teacher"]["inner_cv_spearman"]) == {"0.1", "10.0"}
-    assert meta.architecture.score_scale > 0
+    assert chosen["lnsim"]["alpha"] in (0.1, 10.0) and set(chosen["teacher"]["inner_cv_spearman"]) == {"0.1", "10.0"}
+    assert next(p for p in meta.architecture.profiles if p.name == "lnsim").scale > 0
     data = load_lnsim(workspace["lnsim"], verbose=False)
     from model.scoring import Scorer
 
@@ -335,7 +341,8 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
     """model.domain_gate: a third output separates labelled from teacher photos; CV reports the gated
     blend curve; the final checkpoint's score follows the gate and carries reference quantiles."""
     from model.checkpoint import load_checkpoint
-    from model.network import blend_outputs, domain_weight
+    from model.network import blend_outputs
+    from model.profiles import mixture_weights, profile_specs
 
     # teacher photos of another kind than the labelled ones (a strong colour cast), as in real use
     teacher = write_teacher(tmp_path / "pool", n=24)
@@ -354,23 +361,23 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
     row = next(r for r in report["blend_curve"] if r["blend"] == 0.7)
     assert row["gated_spearman_mean"] == pytest.approx(report["mean"]["spearman"], abs=1e-3)
     assert all("gated_teacher_holdout_spearman_mean" in r for r in report["blend_curve"])
-    with open(next(cv.glob("*/head_outputs.csv"))) as fh:  # any blend or gate setting can be re-scored
+    with open(next(cv.glob("lnsim/*/head_outputs.csv"))) as fh:  # any blend or gate setting can be re-scored
         rows = list(csv.DictReader(fh))
-    assert {r["set"] for r in rows} == {"test", "train", "teacher_holdout"} and "output_2" in rows[0]
+    assert {r["set"] for r in rows} == {"test", "train", "teacher_holdout"} and "output_domain.lnsim" in rows[0]
     assert "gated" in capsys.readouterr().err
 
     run = tmp_path / "final"
     assert train_main(["--config", str(cfg_path), "--out", str(run)]) == 0
     err = capsys.readouterr().err
-    assert "readout output 2 (domain, 112 rows" in err  # 38 labelled + 18 teacher training photos, each mirrored
+    assert "readout output domain (112 rows, 2 columns" in err  # 38 labelled + 18 teacher photos, each mirrored
     model, meta = load_checkpoint(run / "tiny.json")
-    assert meta.architecture.domain_gate and model.head.out.out_features == 3
+    assert meta.architecture.domain_gate and model.head.out.out_features == 4  # lnsim, teacher, 2 domain columns
     assert meta.training["readout"]["domain"]["alpha"] in (0.1, 10.0)
     assert meta.training["readout"]["teacher"]["alpha"] == 3.0  # readout.teacher_alphas: its own penalty
     ref = meta.reference
     assert ref["n"] == 24 and len(ref["quantiles"]) == 101 and ref["quantiles"] == sorted(ref["quantiles"])
     assert meta.percentile(ref["quantiles"][50]) == pytest.approx(50, abs=1.5)
-    assert set(ref["profiles"]) == {"general", "outdoor"} and all(len(q) == 101 for q in ref["profiles"].values())
+    assert set(ref["profiles"]) == {"lnsim", "general", "outdoor"} and all(len(q) == 101 for q in ref["profiles"].values())
     assert (run / "head_outputs.csv").is_file()
     from model.scoring import Scorer
     from model.training.pool import load_data  # noqa: F401  (the same loaders the run used)
@@ -387,9 +394,16 @@ def test_domain_gated_readout_fits_a_domain_output_and_reports_gated_cv(workspac
         lab_out, other_out = outputs(data.paths), outputs(others)
         # the domain output tells the two kinds apart, and the gate follows it
         assert lab_out[:, 2].mean() > other_out[:, 2].mean() + 0.5
-        assert domain_weight(lab_out, model.cfg).mean() > 0.8 > 0.2 > domain_weight(other_out, model.cfg).mean()
+        torch.testing.assert_close(lab_out[:, 2] + lab_out[:, 3], torch.ones(len(lab_out)), atol=1e-4, rtol=0)
+        default = profile_specs(model.cfg)[0]
+        names = model.cfg.output_names
+
+        def gate(out):
+            return mixture_weights(out, names, default)[0]
+        assert gate(lab_out).mean() > 0.8 > 0.2 > gate(other_out).mean()
         expected = blend_outputs(lab_out, model.cfg)
-    scores = [r.score for r in Scorer(model, pre, device="cpu").score_paths(data.paths, batch_size=16, workers=1)]
+    scorer = Scorer(model, pre, device="cpu", mixed_precision=False)  # fp32, as `expected`
+    scores = [r.score for r in scorer.score_paths(data.paths, batch_size=16, workers=1)]
     assert np.allclose(scores, expected.numpy(), atol=1e-5)
 
 
@@ -454,14 +468,14 @@ def test_cross_validation_then_final_checkpoint_then_evaluate(workspace, tmp_pat
     with open(cv_run / "cv.csv") as fh:
         rows = list(csv.reader(fh))
     assert [r[0] for r in rows] == ["split", "fold_1", "fold_2", "fold_3", "mean", "std"]
-    assert (cv_run / "fold_2" / "predictions.csv").is_file() and (cv_run / "cv_top_bottom.csv").is_file()
-    plan = json.loads((cv_run / "splits.json").read_text())
+    assert (cv_run / "lnsim" / "fold_2" / "predictions.csv").is_file() and (cv_run / "cv_top_bottom.csv").is_file()
+    plan = json.loads((cv_run / "splits.json").read_text())["studies"]["lnsim"]
     capsys.readouterr()
 
     final = tmp_path / "final"
     assert train_main(["--config", str(cfg_path), "--out", str(final), "--cv-results", str(cv_run / "cv.json")]) == 0
     assert "splits: reusing" in capsys.readouterr().err  # the same split file as the CV run
-    assert json.loads((final / "splits.json").read_text())["folds"] == plan["folds"]
+    assert json.loads((final / "splits.json").read_text())["studies"]["lnsim"]["folds"] == plan["folds"]
     _, meta = load_checkpoint(final / "tiny.json")
     assert meta.metrics["cross_validation"]["mean"]["spearman"] == pytest.approx(report["mean"]["spearman"])
     assert meta.training["counts"]["val"] == 8 and meta.training["counts"]["train_labelled"] == 30
@@ -515,6 +529,7 @@ def test_evaluate_without_splits_reports_all_images(tiny_checkpoint, workspace, 
      "readout.labelled_prior = 'teacher' needs model.teacher_output = true"),
     (["train", "--set", "model.teacher_output=false", "--set", "model.score_blend=1.0"],
      "model.domain_gate = true needs model.teacher_output = true"),
+    (["train", "--set", "data.studies.0.kind=mat"], "data.studies.0.kind = 'mat' is not one of"),
     (["train", "--set", "model.gate_width=0"], "model.gate_width must be a positive number"),
     (["train", "--set", "readout.teacher_alphas=[-1.0]"], "readout.teacher_alphas"),
 ])
@@ -550,16 +565,18 @@ def test_print_config(capsys):
 @pytest.mark.skipif(not (SHARED_DATA / "lnsim").is_dir(), reason="../shared/data/lnsim absent")
 def test_real_lnsim_and_teacher_load(tmp_path):
     from model.training.config import load_config
-    from model.training.data import build_splits, load_teacher
+    from model.training.data import load_teacher
+    from model.training.splits import build_splits
 
     cfg = load_config("default", [f"data.labelled.root={SHARED_DATA / 'lnsim'}",
                                   f"data.teacher.csv={SHARED_DATA / 'pool_resmem_scores.csv'}",
                                   f"data.teacher.image_root={SHARED_DATA / 'pool'}",
                                   f"data.teacher.extra=[\"{SHARED_DATA / 'pool2_resmem_scores.csv'}={SHARED_DATA / 'pool2'}\"]"])
-    data = load_dataset(cfg.data.labelled, verbose=False)
+    data = load_dataset(cfg.data.studies[0], verbose=False)
     assert len(data) + data.skipped == 2632 and len(data) >= 2000
     assert 0 <= data.scores.min() and data.scores.max() <= 1
     teacher = load_teacher(cfg.data.teacher, verbose=False)
     assert len(teacher) == 6388
-    plan = build_splits(data, teacher, folds=5, seed=0, val_fraction=0.0, holdout_fraction=0.1)
-    assert sum(len(f["test"]) for f in plan["folds"]) == len(data) and len(plan["teacher"]["holdout"]) == 639
+    plan = build_splits({"lnsim": data}, teacher, folds={"lnsim": 5}, seed=0, val_fraction=0.0, holdout_fraction=0.1)
+    folds = plan["studies"]["lnsim"]["folds"]
+    assert sum(len(f["test"]) for f in folds) == len(data) and len(plan["teacher"]["holdout"]) == 639

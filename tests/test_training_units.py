@@ -1,5 +1,5 @@
 """Training building blocks: one-cycle schedule, the paper's Adam variant, metrics against scipy,
-config overrides and errors, teacher score mapping, split files."""
+config overrides and errors (studies and profiles too), score mapping, split files."""
 import json
 import tomllib
 
@@ -9,8 +9,8 @@ import torch
 
 from model.training import metrics as M
 from model.training.config import ConfigError, load_config, to_toml
-from model.training.data import (DatasetError, ScoredImages, build_splits, carve, kfold_test_sets,
-                                 load_or_create_splits, map_teacher_scores)
+from model.training.data import DatasetError, ScoredImages, map_scores
+from model.training.splits import build_splits, carve, kfold_test_sets, load_or_create_splits, read_splits
 from model.training.optim import CostAugmentedAdam, build_optimizer
 from model.training.schedule import epoch_lrs, one_cycle_lr
 
@@ -211,13 +211,13 @@ def test_quantile_mapping_keeps_teacher_ranking_and_takes_labelled_distribution(
     rng = np.random.default_rng(0)
     teacher = rng.normal(5, 2, 400)  # another scale entirely
     reference = rng.beta(5, 3, 300)
-    mapped = map_teacher_scores(teacher, reference, "quantile")
+    mapped = map_scores(teacher, reference, "quantile")
     assert M.spearman(mapped, teacher) == pytest.approx(1.0)
     assert mapped.mean() == pytest.approx(reference.mean(), abs=0.01)
     assert np.quantile(mapped, 0.9) == pytest.approx(np.quantile(reference, 0.9), abs=0.01)
-    z = map_teacher_scores(teacher, reference, "zscore")
+    z = map_scores(teacher, reference, "zscore")
     assert z.mean() == pytest.approx(reference.mean(), abs=0.01) and z.std() == pytest.approx(reference.std(), abs=0.01)
-    same = map_teacher_scores(np.array([0.2, 0.9]), reference, "none")
+    same = map_scores(np.array([0.2, 0.9]), reference, "none")
     np.testing.assert_allclose(same, [0.2, 0.9])
 
 
@@ -238,35 +238,64 @@ def test_kfold_partition_and_carve():
 def test_split_file_is_written_once_and_reused(tmp_path):
     lab, teach = _images(30, "lab"), _images(20, "pool")
     path = tmp_path / "splits.json"
-    kw = dict(folds=3, seed=0, val_fraction=0.2, holdout_fraction=0.25)
-    plan = load_or_create_splits(path, lab, teach, **kw)
-    assert path.is_file() and len(plan["folds"]) == 3 and len(plan["teacher"]["holdout"]) == 5
-    for fold in plan["folds"]:
+    kw = dict(folds={"lab": 3}, seed=0, val_fraction=0.2, holdout_fraction=0.25)
+    plan = load_or_create_splits(path, {"lab": lab}, teach, **kw)
+    assert path.is_file() and len(plan["studies"]["lab"]["folds"]) == 3 and len(plan["teacher"]["holdout"]) == 5
+    for fold in plan["studies"]["lab"]["folds"]:
         assert not set(fold["test"]) & set(fold["train"]) and not set(fold["val"]) & set(fold["train"])
         assert not set(fold["test"]) & set(fold["val"])
         assert len(fold["train"]) + len(fold["val"]) + len(fold["test"]) == 30
-    assert sorted(k for f in plan["folds"] for k in f["test"]) == sorted(lab.keys)
+    assert sorted(k for f in plan["studies"]["lab"]["folds"] for k in f["test"]) == sorted(lab.keys)
     # a second run reads the file: same folds even if the builder would now choose differently
     doctored = json.loads(path.read_text())
-    doctored["folds"][0]["name"] = "kept-from-file"
+    doctored["studies"]["lab"]["folds"][0]["name"] = "kept-from-file"
     path.write_text(json.dumps(doctored))
-    again = load_or_create_splits(path, lab, teach, **kw)
-    assert again["folds"][0]["name"] == "kept-from-file"
+    again = load_or_create_splits(path, {"lab": lab}, teach, **kw)
+    assert again["studies"]["lab"]["folds"][0]["name"] == "kept-from-file"
     with pytest.raises(DatasetError, match="other settings"):
-        load_or_create_splits(path, lab, teach, **{**kw, "folds": 4})
-    with pytest.raises(DatasetError, match="other labelled images"):
-        load_or_create_splits(path, _images(31, "lab"), teach, **kw)
+        load_or_create_splits(path, {"lab": lab}, teach, **{**kw, "folds": {"lab": 4}})
+    with pytest.raises(DatasetError, match="other photos for lab"):
+        load_or_create_splits(path, {"lab": _images(31, "lab")}, teach, **kw)
+    with pytest.raises(DatasetError, match="no plan for study 'cdm'"):
+        load_or_create_splits(path, {"lab": lab, "cdm": _images(12, "cdm")}, teach,
+                              **{**kw, "folds": {"lab": 3, "cdm": 3}})
+
+
+def test_several_studies_get_their_own_folds_and_the_single_study_folds_are_unchanged():
+    """Each study is partitioned on its own (its own k); a study's folds do not depend on the other
+    studies, so LNSIM keeps the folds it had when it was the only labelled set."""
+    lab, cdm, teach = _images(30, "lab"), _images(13, "cdm"), _images(20, "pool")
+    kw = dict(seed=0, val_fraction=0.0, holdout_fraction=0.25)
+    both = build_splits({"lab": lab, "cdm": cdm}, teach, folds={"lab": 5, "cdm": 3}, **kw)
+    alone = build_splits({"lab": lab}, teach, folds={"lab": 5}, **kw)
+    assert both["studies"]["lab"] == alone["studies"]["lab"] and both["teacher"] == alone["teacher"]
+    folds = both["studies"]["cdm"]["folds"]
+    assert len(folds) == 3 and sorted(k for f in folds for k in f["test"]) == sorted(cdm.keys)
+    assert both["studies"]["cdm"]["final"]["train"] == sorted(cdm.keys)
+
+
+def test_a_single_study_split_file_reads_as_the_plan_of_its_study(tmp_path):
+    old = {"format": "resmemnet-splits/1", "dataset": "lnsim", "labelled_sha256": "abc", "n_labelled": 3,
+           "params": {"folds": 3, "seed": 0, "val_fraction": 0.0, "holdout_fraction": 0.1, "official": False},
+           "folds": [{"name": "fold_1", "train": ["a", "b"], "val": [], "test": ["c"]}],
+           "final": {"train": ["a", "b", "c"], "val": []}, "teacher": {"n": 2, "sha256": "t", "holdout": ["x"]}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    plan = read_splits(tmp_path / "old.json", study_names=["mine"])
+    assert plan["studies"]["mine"]["folds"] == old["folds"] and plan["teacher"] == old["teacher"]
+    assert plan["params"]["folds"] == {"mine": 3}
 
 
 def test_official_splits_are_used():
     lab = _images(12, "lamem")
     lab.splits = {"split_1": {"train": list(range(8)), "val": [8, 9], "test": [10, 11]},
                   "split_2": {"train": list(range(2, 10)), "val": [0, 1], "test": [10, 11]}}
-    plan = build_splits(lab, None, folds=5, seed=0, val_fraction=0.0, holdout_fraction=0.1)
-    assert [f["name"] for f in plan["folds"]] == ["split_1", "split_2"]
-    assert plan["folds"][0]["val"] == [lab.keys[8], lab.keys[9]]
-    plan2 = build_splits(lab, None, folds=3, seed=0, val_fraction=0.0, holdout_fraction=0.1, use_official=False)
-    assert [f["name"] for f in plan2["folds"]] == ["fold_1", "fold_2", "fold_3"]
+    plan = build_splits({"lamem": lab}, None, folds={"lamem": 5}, seed=0, val_fraction=0.0, holdout_fraction=0.1)
+    folds = plan["studies"]["lamem"]["folds"]
+    assert [f["name"] for f in folds] == ["split_1", "split_2"]
+    assert folds[0]["val"] == [lab.keys[8], lab.keys[9]]
+    plan2 = build_splits({"lamem": lab}, None, folds={"lamem": 3}, seed=0, val_fraction=0.0, holdout_fraction=0.1,
+                         use_official=False)
+    assert [f["name"] for f in plan2["studies"]["lamem"]["folds"]] == ["fold_1", "fold_2", "fold_3"]
 
 
 # -- the readout head's closed-form fit ---------------------------------------------------------------

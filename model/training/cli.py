@@ -13,7 +13,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def register(sub) -> None:
-    from .train import add_train_arguments
+    from .params import add_train_arguments
 
     t = sub.add_parser(
         "train", help="train ResMem-Net (phased recipe, cross-validation, checkpoint)",
@@ -29,9 +29,9 @@ def register(sub) -> None:
         "evaluate", help="score a dataset with a checkpoint and report rho, r, MSE, top/bottom table",
         description="Score a labelled dataset with a checkpoint. Reports per split (the split file's test "
                     "folds, else the dataset's official test splits, else all images) and mean +- sd.")
-    from model.checkpoint import DEFAULT_WEIGHTS
+    from model.environment import default_weights
 
-    e.add_argument("--weights", default=str(DEFAULT_WEIGHTS), metavar="FILE",
+    e.add_argument("--weights", default=str(default_weights()), metavar="FILE",
                    help="checkpoint .json (or its .safetensors); default: the shipped one")
     e.add_argument("--dataset", required=True, choices=("lnsim", "lamem", "isola", "csv"))
     e.add_argument("--root", help="dataset folder (csv: folder image paths are relative to)")
@@ -80,7 +80,8 @@ def _evaluate(args) -> int:
     from model.scoring import Scorer
 
     from .config import DatasetSpec
-    from .data import load_dataset, read_splits
+    from .data import load_dataset
+    from .splits import read_splits
     from .evaluate import evaluate_scores, evaluation_splits, format_report, write_report
 
     try:

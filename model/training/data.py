@@ -1,9 +1,10 @@
-"""Datasets in their published layouts, teacher scores, and the split file.
+"""Datasets in their published layouts, teacher scores and the mapping of scores onto a common
+scale (the split plan over them: splits.py).
 
 Each loader returns a ScoredImages: paths, scores and, where the dataset has them, official
 splits and human split-half scores. Images listed by a dataset but absent on disk are skipped
 and counted. Images are identified across runs by their `key` (path relative to the dataset
-root), which is what the split file stores, so a fold always holds the same images.
+root), which is what the split file (splits.py) stores, so a fold always holds the same images.
 
 Layouts:
 - LNSIM (Lu et al. 2020) and Isola et al. (2011): `Image_data/NNNN.jpg` (Isola: or the image
@@ -17,8 +18,6 @@ Layouts:
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import re
 import sys
@@ -355,10 +354,10 @@ def limit_images(data: ScoredImages, n: int) -> ScoredImages:
     return small
 
 
-# -- teacher targets -------------------------------------------------------------------------
+# -- scores onto a common scale -------------------------------------------------------------------------
 
-def map_teacher_scores(teacher, reference, mapping: str = "quantile") -> np.ndarray:
-    """Put teacher scores on the labelled scores' scale.
+def map_scores(teacher, reference, mapping: str = "quantile") -> np.ndarray:
+    """Put scores (a teacher's, or another study's) on the reference scores' scale.
 
     quantile: the teacher score of rank r (of n) becomes the (r - 0.5)/n quantile of the
     reference scores, so both targets share one distribution and only the teacher's ranking is
@@ -379,136 +378,3 @@ def map_teacher_scores(teacher, reference, mapping: str = "quantile") -> np.ndar
     else:
         raise ValueError(f"unknown teacher mapping {mapping!r}")
     return np.clip(out, 0.0, 1.0)
-
-
-# -- split file ------------------------------------------------------------------------------
-
-SPLITS_FORMAT = "resmemnet-splits/1"
-
-
-def _seeded_rng(seed: int, *tags) -> np.random.Generator:
-    words = [seed] + [int(hashlib.sha256(str(t).encode()).hexdigest()[:8], 16) for t in tags]
-    return np.random.default_rng(words)
-
-
-def kfold_test_sets(keys: list[str], folds: int, seed: int) -> list[list[str]]:
-    """Random partition of keys into `folds` test sets of near-equal size."""
-    if folds > len(keys):
-        raise DatasetError(f"cannot make {folds} folds from {len(keys)} images")
-    order = _seeded_rng(seed, "kfold").permutation(len(keys))
-    return [sorted(keys[i] for i in order[f::folds]) for f in range(folds)]
-
-
-def carve(keys: list[str], fraction: float, seed: int, tag: str) -> tuple[list[str], list[str]]:
-    """(kept, carved): a seeded `fraction` of keys set aside (at least one when fraction > 0)."""
-    if fraction <= 0 or not keys:
-        return sorted(keys), []
-    n = min(len(keys) - 1, max(1, int(round(fraction * len(keys)))))
-    order = _seeded_rng(seed, tag).permutation(len(keys))
-    out = {keys[i] for i in order[:n]}
-    return sorted(k for k in keys if k not in out), sorted(out)
-
-
-def keys_digest(keys) -> str:
-    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-
-
-def build_splits(labelled: ScoredImages, teacher: ScoredImages | None, *, folds: int, seed: int,
-                 val_fraction: float, holdout_fraction: float, use_official: bool = True) -> dict:
-    """Folds (train/val/test keys), the final run's train/val, and the teacher holdout."""
-    keys = labelled.keys
-    plan = {"format": SPLITS_FORMAT, "dataset": labelled.name,
-            "params": {"folds": folds, "seed": seed, "val_fraction": val_fraction,
-                       "holdout_fraction": holdout_fraction, "official": False},
-            "labelled_sha256": keys_digest(keys), "n_labelled": len(keys), "folds": []}
-    if use_official and labelled.splits:
-        plan["params"]["official"] = True
-        for name in list(labelled.splits)[:folds]:
-            parts = labelled.splits[name]
-            train = [keys[i] for i in parts.get("train", [])]
-            test = [keys[i] for i in parts.get("test", [])]
-            if "val" in parts:
-                val = [keys[i] for i in parts["val"]]
-            else:
-                train, val = carve(train, val_fraction, seed, f"val-{name}")
-            plan["folds"].append({"name": name, "train": sorted(train), "val": sorted(val), "test": sorted(test)})
-    else:
-        tests = kfold_test_sets(keys, folds, seed)
-        for f, test in enumerate(tests):
-            held = set(test)
-            train, val = carve([k for k in keys if k not in held], val_fraction, seed, f"val-fold{f + 1}")
-            plan["folds"].append({"name": f"fold_{f + 1}", "train": train, "val": val, "test": test})
-    train, val = carve(list(keys), val_fraction, seed, "val-final")
-    plan["final"] = {"train": train, "val": val}
-    if teacher is not None:
-        tkeys = teacher.keys
-        t_train, t_hold = carve(tkeys, holdout_fraction, seed, "teacher-holdout")
-        plan["teacher"] = {"n": len(tkeys), "sha256": keys_digest(tkeys), "holdout": t_hold}
-    return plan
-
-
-def default_split_file(runs_dir: str | Path, labelled: ScoredImages, teacher: ScoredImages | None, params: dict) -> Path:
-    tag = keys_digest(labelled.keys + (["--teacher--"] + teacher.keys if teacher is not None else []))[:10]
-    p = params
-    name = (f"{labelled.name}-k{p['folds']}-seed{p['seed']}-val{p['val_fraction']:g}"
-            f"-hold{p['holdout_fraction']:g}-{tag}.json")
-    return Path(runs_dir) / "splits" / name
-
-
-def load_or_create_splits(path: str | Path, labelled: ScoredImages, teacher: ScoredImages | None, *, folds: int,
-                          seed: int, val_fraction: float, holdout_fraction: float, use_official: bool = True,
-                          verbose: bool = True) -> dict:
-    """Reuse the split file at `path` if it exists (checked against the data and parameters),
-    else build and write it."""
-    path = Path(path)
-    params = {"folds": folds, "seed": seed, "val_fraction": val_fraction, "holdout_fraction": holdout_fraction}
-    if path.is_file():
-        plan = read_splits(path)
-        made = plan.get("params", {})
-        differing = {k: (made.get(k), v) for k, v in params.items() if made.get(k) != v
-                     and not (k == "holdout_fraction" and teacher is None)}
-        if differing:
-            raise DatasetError(f"split file {path} was made with other settings "
-                               f"({', '.join(f'{k}: file {a}, now {b}' for k, (a, b) in differing.items())}); "
-                               "point data.split_file elsewhere or delete it")
-        if plan.get("labelled_sha256") != keys_digest(labelled.keys):
-            raise DatasetError(f"split file {path} lists other labelled images than {labelled.name} has now "
-                               f"({plan.get('n_labelled')} vs {len(labelled)}); point data.split_file elsewhere")
-        if teacher is not None and plan.get("teacher", {}).get("sha256") != keys_digest(teacher.keys):
-            raise DatasetError(f"split file {path} was made for another teacher image set; "
-                               "point data.split_file elsewhere")
-        _log(verbose, f"splits: reusing {path}")
-        return plan
-    plan = build_splits(labelled, teacher, folds=folds, seed=seed, val_fraction=val_fraction,
-                        holdout_fraction=holdout_fraction, use_official=use_official)
-    write_splits(plan, path)
-    _log(verbose, f"splits: wrote {path}")
-    return plan
-
-
-def write_splits(plan: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def read_splits(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"split file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"split file {path} is not valid JSON ({exc})") from None
-    if not isinstance(plan, dict) or plan.get("format") != SPLITS_FORMAT or not isinstance(plan.get("folds"), list):
-        raise DatasetError(f"{path} is not a split file ({SPLITS_FORMAT})")
-    return plan
-
-
-def indices_for(keys_wanted, data: ScoredImages) -> tuple[np.ndarray, int]:
-    """Indices into `data` of the wanted keys, and how many of them are absent from `data`."""
-    index = {k: i for i, k in enumerate(data.keys)}
-    idx = [index[k] for k in keys_wanted if k in index]
-    return np.asarray(idx, dtype=int), len(keys_wanted) - len(idx)

@@ -16,6 +16,15 @@ import numpy as np
 from . import metrics as M
 
 ROW_KEYS = ("n", "spearman", "pearson", "mse", "human_ceiling", "teacher_holdout_spearman", "epoch")
+# per-profile columns of a training run's rows: spearman_<profile>, teacher_holdout_spearman_<profile>
+PROFILE_PREFIXES = ("spearman_", "teacher_holdout_spearman_")
+
+
+def row_keys(rows: list[dict]) -> list[str]:
+    """The columns of a report: ROW_KEYS present in a row, then every per-profile column."""
+    keys = [k for k in ROW_KEYS if any(k in r for r in rows)]
+    extra = [k for r in rows for k in r if k.startswith(PROFILE_PREFIXES)]
+    return keys + list(dict.fromkeys(extra))
 
 
 def split_result(name: str, pred, true, *, halves=None, idx=None, ns: Sequence[int] = M.TOP_BOTTOM_N,
@@ -31,7 +40,7 @@ def split_result(name: str, pred, true, *, halves=None, idx=None, ns: Sequence[i
 
 def build_report(results: list[dict], *, dataset: str, model: str = "", info: dict | None = None) -> dict:
     rows = [r["row"] for r in results]
-    keys = [k for k in ROW_KEYS if any(k in r for r in rows)]
+    keys = row_keys(rows)
     mean, std = M.summarize_rows(rows, keys)
     return {
         "dataset": dataset,
@@ -79,7 +88,7 @@ def write_report(report: dict, out_dir: str | Path, stem: str = "metrics") -> li
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
     rows = report["splits"]
-    keys = [k for k in ROW_KEYS if any(k in r for r in rows)]
+    keys = row_keys(rows)
     csv_path = out_dir / f"{stem}.csv"
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -161,11 +170,11 @@ def format_report(report: dict) -> str:
 def evaluation_splits(data, plan: dict | None) -> list[tuple[str, np.ndarray]]:
     """(name, indices into data) of every split to report: the split file's test folds, else the
     dataset's official test splits, else all images."""
-    from .data import indices_for
+    from .splits import indices_for, study_plan_for
 
     if plan is not None:
         out = []
-        for fold in plan["folds"]:
+        for fold in study_plan_for(plan, data)[1]["folds"]:
             idx, missing = indices_for(fold["test"], data)
             if missing:
                 print(f"{fold['name']}: {missing} of {len(fold['test'])} test images are not in the dataset now "

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from .common import TrainError, to_plain
-from .config import Config
-from .distributed import (SINGLE, Dist, all_reduce_sum, barrier, broadcast_object, broadcast_tensors, local_part,
-                          restore_batchnorm, sync_batchnorm, wrap_ddp)
-from .model_setup import amp_dtype, epoch_seed
-from .pool import ImageLoader, Pool, RunSpec, train_batches
-from .predict import calibrate_score, metrics_on, teacher_truth
+from .context import RunContext
+from .distributed import (all_reduce_sum, barrier, broadcast_object, broadcast_tensors, local_part, restore_batchnorm,
+                          sync_batchnorm, wrap_ddp)
+from .loader import ImageLoader, train_batches
+from .model_setup import epoch_seed
+from .pool import RunSpec
+from .predict import metrics_on
 from .readout_fit import fit_readout_head
-from .state import EpochBudget, load_model_state, read_training_state, save_model_state, save_training_state, write_log
+from .state import load_model_state, read_training_state, save_model_state, save_training_state, write_log
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -24,8 +25,17 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
 
 
-def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: Config, loader: ImageLoader,
-              rng: np.random.Generator, device, amp, desc: str, *, step=None, dist: Dist = SINGLE) -> dict:
+def output_columns(ctx: RunContext) -> np.ndarray:
+    """Per pool photo, the head output its loss trains: its study's, or the teacher output for a
+    teacher photo (the study's, without a teacher output)."""
+    names, pool = ctx.model.cfg.output_names, ctx.pool
+    cols = [names.index(s.name) for s in pool.studies]
+    cols.append(names.index("teacher") if "teacher" in names else cols[0])
+    return np.asarray(cols)[pool.study_of(np.arange(len(pool.paths)))]
+
+
+def run_epoch(ctx: RunContext, phase, optimizer, scaler, spec: RunSpec, rng: np.random.Generator, amp, desc: str, *,
+              step=None) -> dict:
     """One epoch over the global batches of `spec.train_idx`; under torchrun this rank runs its
     share of every batch (`local_part`) and the returned sums are over all ranks.
     `step`: the TrainStep (or its DDP wrapper) to call; built here when None."""
@@ -35,6 +45,7 @@ def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: C
     from .schedule import one_cycle_lr, set_lr
     from .step import TrainStep
 
+    model, pool, cfg, loader, device, dist = ctx.model, ctx.pool, ctx.cfg, ctx.loader, ctx.device, ctx.dist
     augs = cfg.data.augmentations
     order = rng.permutation(spec.train_idx)
     aug_of = rng.integers(0, len(augs), size=len(pool.paths))  # one augmentation per image per epoch
@@ -48,8 +59,9 @@ def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: C
         raise TrainError(f"{spec.name}: no training batch (too few images for batch size {cfg.train.batch_size})")
     n_batches = len(batches)  # global steps: the same count on every rank
     local = [local_part(b, dist) for b in batches]
-    targets = torch.from_numpy(spec.targets)
+    targets = torch.from_numpy(spec.targets.astype(np.float32))
     weights = torch.from_numpy(spec.weights)
+    columns = torch.from_numpy(output_columns(ctx))
     model.train()
     if step is None:
         step = TrainStep(model, cached=phase.cached, frozen=phase.frozen, amp_dtype=amp[0],
@@ -67,11 +79,8 @@ def run_epoch(model, phase, optimizer, scaler, pool: Pool, spec: RunSpec, cfg: C
             x = x.to(device, non_blocking=True)
             tidx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
             outputs = step(x)  # (members, B, outputs)
-            if model.cfg.teacher_output:  # teacher rows train their own output
-                is_teacher = (tidx >= pool.n_labelled).to(device)
-                pred = torch.where(is_teacher, outputs[..., 1], outputs[..., 0])
-            else:
-                pred = outputs[..., 0]
+            col = columns[tidx].to(device)  # teacher rows train their own output (with a teacher output)
+            pred = outputs.gather(-1, col.view(1, -1, 1).expand(outputs.shape[0], -1, 1))[..., 0]
             y, w = targets[tidx].to(device), weights[tidx].to(device)
             # Every ensemble member fits the targets on its own (not their mean), so they stay diverse.
             err = (pred - y) ** 2
@@ -129,24 +138,25 @@ def _local_images(loader: ImageLoader, batches, local, augs, *, pin: bool):
             yield torch.zeros((0, 3, h, w)), part
 
 
-def fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, device, budget: EpochBudget,
-        *, log=print, dist: Dist = SINGLE) -> dict | None:
+def fit(ctx: RunContext, spec: RunSpec) -> dict | None:
     """Train through every phase, resuming from spec.dir/state when it holds a state.
     Returns {"epoch": chosen epoch, "trunk_changed": ...}, or None when --stop-after stopped it.
-    Under torchrun every rank calls this; rank 0 alone writes the state, log and TensorBoard files."""
-    changed = sync_batchnorm(model) if dist.enabled else []
+    Under torchrun every rank calls this; rank 0 alone writes the state, log and TensorBoard files.
+    The profiles are fitted afterwards, from the run's head outputs (predict.fit_run_profiles)."""
+    changed = sync_batchnorm(ctx.model) if ctx.dist.enabled else []
     try:
-        return _fit(cfg, model, pool, spec, loader, device, budget, log=log, dist=dist)
+        return _fit(ctx, spec)
     finally:
         restore_batchnorm(changed)
 
 
-def _fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, device, budget: EpochBudget,
-         *, log, dist: Dist) -> dict | None:
+def _fit(ctx: RunContext, spec: RunSpec) -> dict | None:
     import torch
 
     from .optim import build_optimizer
     from .step import TrainStep
+
+    cfg, model, pool, device, budget, dist, log = ctx.cfg, ctx.model, ctx.pool, ctx.device, ctx.budget, ctx.dist, ctx.log
 
     state_dir = spec.dir / "state"
     info = read_training_state(state_dir)
@@ -163,13 +173,12 @@ def _fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, dev
     head_only = not cfg.trunk_trained  # the trunk can be rebuilt from its source while it is never trained
     if model.cfg.head == "readout":
         # closed form, about a minute on one process: rank 0 fits, the others receive the weights
-        readout = fit_readout_head(model, pool, spec, cfg, device, log=log) if dist.is_main else None
+        readout, rows = fit_readout_head(ctx, spec) if dist.is_main else (None, None)
         broadcast_tensors([model.head.out.weight, model.head.out.bias], dist)
         readout = broadcast_object(readout, dist)
         model.eval()
-        if model.cfg.teacher_output:
-            calibrate_score(model, pool, spec, cfg, loader, device, False, log=log)
-        return {"epoch": 0, "trunk_changed": False, "history": history, "best": None, "readout": readout}
+        return {"epoch": 0, "trunk_changed": False, "history": history, "best": None, "readout": readout,
+                "rows": rows}
     schedule = [(p, e) for p, ph in enumerate(cfg.phases) for e in range(ph.epochs)]
     writer = _tensorboard(spec.dir) if dist.is_main else None
     optimizer = scaler = step = None
@@ -180,7 +189,7 @@ def _fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, dev
         if budget.exhausted:
             return None
         phase = cfg.phases[p]
-        amp = amp_dtype(cfg, device) if not phase.cached else (None, False)
+        amp = ctx.amp if not phase.cached else (None, False)
         if current != p:
             model.set_trunk_frozen(phase.frozen)
             optimizer = build_optimizer(model.parameters(), cfg.optimizer, phase.lr_min)
@@ -207,17 +216,15 @@ def _fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, dev
         if phase.cached and device.type == "cpu":
             torch.set_num_threads(1)  # the head's ops are tiny: extra threads only add synchronisation stalls
         try:
-            row = run_epoch(model, phase, optimizer, scaler, pool, spec, cfg, loader, rng, device, amp, desc,
-                            step=step, dist=dist)
+            row = run_epoch(ctx, phase, optimizer, scaler, spec, rng, amp, desc, step=step)
         finally:
             torch.set_num_threads(threads)
         trunk_changed = trunk_changed or not phase.frozen
-        val = metrics_on(model, pool, spec.val_idx, pool.labelled.scores[spec.val_idx], cfg, loader, device,
-                          trunk_changed, amp)
+        truth = pool.truth
+        val = metrics_on(ctx, spec.val_idx, truth[spec.val_idx], trunk_changed)
         hold = {}
         if len(spec.holdout_idx) > 1 and pool.features is not None and not trunk_changed:
-            hold = metrics_on(model, pool, spec.holdout_idx, teacher_truth(pool, spec.holdout_idx), cfg, loader,
-                               device, trunk_changed, amp)
+            hold = metrics_on(ctx, spec.holdout_idx, truth[spec.holdout_idx], trunk_changed)
         row = {"run": spec.name, "epoch": epoch + 1, "phase": phase.name, "phase_epoch": e + 1,
                "lr_min": phase.lr_min, "lr_max": phase.lr_max, **row,
                "val_spearman": val.get("spearman"), "val_mse": val.get("mse"),
@@ -253,8 +260,6 @@ def _fit(cfg: Config, model, pool: Pool, spec: RunSpec, loader: ImageLoader, dev
         chosen = best["epoch"]
         log(f"{spec.name}: using epoch {chosen} (best inner-validation rho {best['val_spearman']:.4f})")
     model.eval()
-    if model.cfg.teacher_output:
-        calibrate_score(model, pool, spec, cfg, loader, device, trunk_changed, log=log)
     return {"epoch": chosen, "trunk_changed": trunk_changed, "history": history, "best": best}
 
 

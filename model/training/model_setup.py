@@ -29,17 +29,21 @@ def build_model(cfg: Config):
     """(model, trunk source); the head's and a random trunk's initial weights follow train.seed."""
     import torch
 
-    from ..network import build_resmemnet
+    from dataclasses import replace
+
+    from ..network import ResMemNet, load_source_weights
+    from .profile_fit import fit_profiles, output_layout
 
     source = trunk_source_for(cfg)
     torch.manual_seed(cfg.train.seed)
-    m = cfg.model
-    model = build_resmemnet(backbone=source.depth, trunk_source=source, head=m.head, taps=m.taps,
-                            proj_dim=m.proj_dim, hidden_size=m.hidden_size, dropout=m.dropout, feature_dropout=m.feature_dropout,
-                            teacher_output=m.teacher_output, score_blend=m.score_blend,
-                            ensemble=m.ensemble, branch=m.branch,
-                            domain_gate=m.domain_gate, gate_center=m.gate_center, gate_width=m.gate_width)
-    return model, source
+    layout = output_layout(cfg)
+    # named outputs, and uncalibrated profiles until a run fits theirs (profile_fit.fit_profiles)
+    profiles = fit_profiles(cfg, layout, {s.name: None for s in cfg.data.studies})
+    net = replace(cfg.model.network(), backbone=source.depth, input_scaling=source.input_scaling, outputs=layout,
+                  profiles=profiles)
+    model = ResMemNet(net)
+    load_source_weights(model, source)
+    return model.eval(), source
 
 
 def trunk_identity(source, cfg: Config) -> str:

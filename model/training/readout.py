@@ -95,23 +95,29 @@ class TapKernel:
         self.scale = float(np.trace(self.gram) / n) or 1.0
         self.gram /= self.scale
 
-    def primal(self, dual: np.ndarray, y_mean: float) -> tuple[np.ndarray, float]:
-        """Dual coefficients -> weight and bias on raw (unstandardised) taps."""
-        beta = np.empty(self.z.shape[1])
+    def primal(self, dual: np.ndarray, y_mean) -> tuple[np.ndarray, np.ndarray | float]:
+        """Dual coefficients (n,) or (n, m) -> weight (D,) or (D, m) and bias on raw (unstandardised) taps."""
+        flat = dual.ndim == 1
+        dual = dual[:, None] if flat else dual
+        beta = np.empty((self.z.shape[1], dual.shape[1]))
         for lo in range(0, len(beta), 4096):  # float64 products without a float64 copy of z
             beta[lo:lo + 4096] = self.z[:, lo:lo + 4096].T.astype(np.float64) @ dual
         beta /= self.scale
-        weight = beta * self.col_scale / self.std
-        return weight, float(y_mean - weight @ self.mean)
+        weight = beta * (self.col_scale / self.std)[:, None]
+        bias = np.asarray(y_mean, dtype=np.float64).reshape(-1) - self.mean @ weight
+        return (weight[:, 0], float(bias[0])) if flat else (weight, bias)
 
 
-def _solve(gram: np.ndarray, y: np.ndarray, sw: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    """Weighted kernel ridge: rows scaled by sqrt(weight); returns (dual coefficients, y mean)."""
-    y_mean = float(np.average(y, weights=sw ** 2))
+def _solve(gram: np.ndarray, y: np.ndarray, sw: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray | float]:
+    """Weighted kernel ridge: rows scaled by sqrt(weight); y (n,) or (n, m) (one factorisation
+    for every column); returns (dual coefficients, y mean per column)."""
+    flat = y.ndim == 1
+    y2 = y[:, None] if flat else y
+    y_mean = np.average(y2, axis=0, weights=sw ** 2)
     a = gram * sw[:, None] * sw[None, :]
     a[np.diag_indices_from(a)] += alpha
-    dual = np.linalg.solve(a, sw * (y - y_mean))
-    return dual * sw, y_mean
+    dual = np.linalg.solve(a, sw[:, None] * (y2 - y_mean)) * sw[:, None]
+    return (dual[:, 0], float(y_mean[0])) if flat else (dual, y_mean)
 
 
 def inner_folds(groups: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
@@ -131,18 +137,32 @@ def fit_ridge(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, alphas, f
 
     offset: a prior prediction per row; the ridge then fits y - offset, shrinking towards the prior
     instead of towards a constant, and the inner CV scores offset + fit against y."""
+    y = np.asarray(y, dtype=np.float64)
+    offset = np.zeros(len(y)) if offset is None else np.asarray(offset, dtype=np.float64)
+    return fit_ridge_columns(kernel, y[:, None], groups, alphas=alphas, folds=folds, seed=seed,
+                             sample_weight=sample_weight, eval_rows=eval_rows, offset=offset[:, None])[0]
+
+
+def fit_ridge_columns(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, alphas, folds: int = 5,
+                      seed: int = 0, sample_weight: np.ndarray | None = None, eval_rows: np.ndarray | None = None,
+                      offset: np.ndarray | None = None) -> list[RidgeFit]:
+    """fit_ridge for every column of y (n, m) on the same rows and row weights (e.g. the one-hot
+    classes of a multi-class ridge classifier): one factorisation per inner fold and penalty
+    serves all columns; each column keeps the penalty its own inner CV prefers."""
     from .metrics import spearman
 
     y = np.asarray(y, dtype=np.float64)
-    offset = np.zeros(len(y)) if offset is None else np.asarray(offset, dtype=np.float64)
+    offset = np.zeros_like(y) if offset is None else np.asarray(offset, dtype=np.float64)
     target = y - offset
     sw = np.sqrt(np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64))
     eval_rows = np.ones(len(y), bool) if eval_rows is None else np.asarray(eval_rows, bool)
     alphas = [float(a) for a in alphas]
-    inner = {}
+    m = y.shape[1]
+    inner: list[dict] = [{} for _ in range(m)]
+    chosen = [alphas[0]] * m
     if len(alphas) > 1:
         fold_of = inner_folds(groups, folds, seed)
-        scores = {a: [] for a in alphas}
+        scores = {a: [[] for _ in range(m)] for a in alphas}
         for k in range(folds):
             tr, te = np.flatnonzero(fold_of != k), np.flatnonzero((fold_of == k) & eval_rows)
             if len(te) < 3:
@@ -150,11 +170,17 @@ def fit_ridge(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, alphas, f
             cross = kernel.gram[np.ix_(te, tr)]
             for a in alphas:
                 dual, y_mean = _solve(kernel.gram[np.ix_(tr, tr)], target[tr], sw[tr], a)
-                scores[a].append(spearman(offset[te] + cross @ dual + y_mean, y[te]))
-        inner = {a: float(np.mean(v)) for a, v in scores.items() if v}
-        alpha = max(inner, key=inner.get) if inner else alphas[0]
-    else:
-        alpha = alphas[0]
-    dual, y_mean = _solve(kernel.gram, target, sw, alpha)
-    weight, bias = kernel.primal(dual, y_mean)
-    return RidgeFit(weight=weight, bias=bias, alpha=alpha, inner_rho=inner)
+                pred = offset[te] + cross @ dual + y_mean
+                for c in range(m):
+                    scores[a][c].append(spearman(pred[:, c], y[te, c]))
+        for c in range(m):
+            inner[c] = {a: float(np.mean(v[c])) for a, v in scores.items() if v[c]}
+            chosen[c] = max(inner[c], key=inner[c].get) if inner[c] else alphas[0]
+    fits: list[RidgeFit | None] = [None] * m
+    for a in dict.fromkeys(chosen):  # one refit per penalty chosen
+        cols = [c for c in range(m) if chosen[c] == a]
+        dual, y_mean = _solve(kernel.gram, target[:, cols], sw, a)
+        weight, bias = kernel.primal(dual, y_mean)
+        for j, c in enumerate(cols):
+            fits[c] = RidgeFit(weight=weight[:, j], bias=float(bias[j]), alpha=a, inner_rho=inner[c])
+    return fits

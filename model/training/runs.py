@@ -1,4 +1,5 @@
-"""Whole runs: cross-validation over the split plan's folds, and the final model with its checkpoint."""
+"""One training run (fit, head outputs once, profiles, the files every run writes) and the final
+model with its checkpoint. Cross-validation's protocols are in cv.py."""
 from __future__ import annotations
 
 import csv
@@ -8,197 +9,158 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from .common import TrainError, to_plain
-from .config import Config
-from .distributed import SINGLE, Dist
+from .context import RunContext
 from .loop import fit
-from .model_setup import amp_dtype
-from .pool import Pool, RunSpec, make_run_spec
-from .predict import blend_curve, metrics_on, predict, teacher_truth
+from .pool import RunSpec, make_run_spec
+from .predict import RunOutputs, fit_run_profiles, outputs_from_cache, scores_of
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cv(cfg: Config, run_dir: Path, pool: Pool, model, loader, device, budget, log=print, *,
-           dist: Dist = SINGLE) -> bool:
-    """Train and test every fold (resuming finished folds from their result.json); write cv.json/.csv.
-    Under torchrun all ranks train each fold; rank 0 alone tests it and writes the files."""
-    from .evaluate import build_report, format_report, split_result, summarize_blend_curves, write_report
-
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    results = []
-    for fold in pool.plan["folds"]:
-        fold_dir = run_dir / fold["name"]
-        done_file = fold_dir / "result.json"
-        if done_file.is_file():
-            results.append(json.loads(done_file.read_text()))
-            continue
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        model.load_state_dict(init_state)
-        spec = make_run_spec(cfg, pool, fold["name"], fold_dir, fold["train"], fold["val"], fold["test"])
-        log(f"{fold['name']}: {json.dumps(spec.counts(pool))}")
-        summary = fit(cfg, model, pool, spec, loader, device, budget, log=log, dist=dist)
-        if summary is None:
-            return False
-        if not dist.is_main:
-            continue
-        amp = amp_dtype(cfg, device)
-        pred = predict(model, pool, spec.test_idx, cfg, loader, device, trunk_changed=summary["trunk_changed"],
-                       amp=amp)
-        extra = {"epoch": summary["epoch"], **spec.counts(pool)}
-        extra.pop("test")
-        if len(spec.holdout_idx) > 1:
-            hold = metrics_on(model, pool, spec.holdout_idx, teacher_truth(pool, spec.holdout_idx), cfg, loader,
-                               device, summary["trunk_changed"], amp)
-            extra["teacher_holdout_spearman"] = hold["spearman"]
-        result = split_result(fold["name"], pred, pool.labelled.scores[spec.test_idx], halves=pool.labelled.halves,
-                              idx=spec.test_idx, extra=extra)
-        if model.cfg.teacher_output and outputs_from_cache(pool, summary):
-            result["blend_curve"] = blend_curve(model, pool, spec, cfg, device)
-            write_head_outputs(fold_dir / "head_outputs.csv", model, pool, spec, cfg, device)
-        write_predictions(fold_dir / "predictions.csv", pool, spec.test_idx, pred)
-        done_file.write_text(json.dumps(to_plain(result), indent=1) + "\n")
-        results.append(result)
-        log(f"{fold['name']}: test rho {result['row']['spearman']:.4f} (n={result['row']['n']})")
-    if not dist.is_main:
-        return True
-    info = {"splits_file": pool.plan.get("source", ""), "run_dir": str(run_dir), "config": cfg.to_dict()}
-    if results and all(r.get("blend_curve") for r in results):
-        info["blend_curve"] = summarize_blend_curves([r["blend_curve"] for r in results])
-    report = build_report(results, dataset=pool.labelled.name, model=cfg.output.name, info=info)
-    write_report(report, run_dir, "cv")
-    log(format_report(report))
-    log(f"cross-validation written to {run_dir / 'cv.json'} and {run_dir / 'cv.csv'}")
-    return True
+def train_run(ctx: RunContext, spec: RunSpec) -> tuple[dict, RunOutputs] | None:
+    """Train `spec` from the initial model, compute the head outputs it needs once, fit its
+    profiles. None when --stop-after stopped it. Every rank trains; the outputs and profiles are
+    the same on every rank (they only read the model)."""
+    ctx.reset_model()
+    summary = fit(ctx, spec)
+    if summary is None:
+        return None
+    outputs = RunOutputs.of_run(ctx, spec, trunk_changed=summary["trunk_changed"])
+    fit_run_profiles(ctx, spec, outputs)
+    return summary, outputs
 
 
-def outputs_from_cache(pool: Pool, summary: dict) -> bool:
-    """Whether the trained head's outputs can be read off the feature cache: it exists, holds the
-    unaugmented rows, and the trunk it was made with was not trained since."""
-    return pool.features is not None and not summary["trunk_changed"] and "none" in pool.features.augmentations
-
-
-def write_predictions(path: Path, pool: Pool, idx, pred) -> None:
-    keys = pool.labelled.keys
+def write_predictions(path: Path, ctx: RunContext, idx, pred) -> None:
+    keys, truth = ctx.pool.keys, ctx.pool.truth
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "true", "predicted"])
         for i, p in zip(idx, pred):
-            w.writerow([keys[i], f"{pool.labelled.scores[i]:.6f}", f"{p:.6f}"])
+            w.writerow([keys[i], f"{truth[i]:.6f}", f"{p:.6f}"])
 
 
-def write_head_outputs(path: Path, model, pool: Pool, spec: RunSpec, cfg: Config, device) -> None:
-    """Every head output of the fold's test, labelled-training and teacher-holdout photos (from the
-    cache): any score_blend, calibration or gate setting can be scored from them without a refit
-    (`bench/gate_sweep.py`)."""
-    from .predict import head_outputs
-
-    lab_train = spec.train_idx[spec.train_idx < pool.n_labelled]
-    keys = pool.labelled.keys + (pool.teacher.keys if pool.teacher is not None else [])
+def write_head_outputs(path: Path, ctx: RunContext, spec: RunSpec, outputs: RunOutputs) -> None:
+    """Every head output of the run's test, training (studies'), validation and teacher-holdout
+    photos, with their study, human or teacher score (`truth`) and common-scale training target:
+    every profile setting (blends, calibrations, gates) can be re-scored from them without a refit
+    (`research/gate_sweep.py`)."""
+    pool = ctx.pool
+    keys, truth, names = pool.keys, pool.truth, ctx.model.cfg.output_names
+    study = [s.name for s in pool.studies] + ["teacher"]
+    lab = spec.train_idx[spec.train_idx < pool.n_labelled]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["image", "set", "truth", *(f"output_{k}" for k in range(model.cfg.n_outputs))])
-        for name, idx in (("test", spec.test_idx), ("train", lab_train), ("teacher_holdout", spec.holdout_idx)):
-            if len(idx) == 0:
-                continue
-            out = head_outputs(model, pool, idx, cfg, device)
-            truth = pool.labelled.scores[idx] if name != "teacher_holdout" else teacher_truth(pool, idx)
-            for i, t, row in zip(idx, truth, out):
-                w.writerow([keys[int(i)], name, f"{t:.6f}", *(f"{v:.6f}" for v in row)])
+        w.writerow(["image", "study", "set", "truth", "target", *(f"output_{n}" for n in names)])
+        for name, idx in (("test", spec.test_idx), ("train", lab), ("val", spec.val_idx),
+                          ("teacher_holdout", spec.holdout_idx)):
+            which = pool.study_of(idx)
+            for i, k, row in zip(idx, which, outputs[idx]):
+                # exact: float32 outputs round-trip with 9 digits, float64 scores with 17
+                target = f"{spec.targets[i]:.17g}" if name == "train" else ""
+                w.writerow([keys[int(i)], study[k], name, f"{truth[i]:.17g}", target, *(f"{v:.9g}" for v in row)])
 
 
-def run_final(cfg: Config, run_dir: Path, pool: Pool, model, source, preprocessing, loader, device, budget,
-              run_info: dict, log=print, *, dist: Dist = SINGLE) -> bool:
-    """Train the final model on the plan's final split; rank 0 writes metrics.json and the checkpoint."""
-    spec = make_run_spec(cfg, pool, "final", run_dir, pool.plan["final"]["train"], pool.plan["final"]["val"], [])
-    log(f"final: {json.dumps(spec.counts(pool))}")
-    summary = fit(cfg, model, pool, spec, loader, device, budget, log=log, dist=dist)
-    if summary is None:
+def run_final(ctx: RunContext) -> bool:
+    """Train the final model on every study's final split and the teacher's training photos; rank 0
+    writes metrics.json, head_outputs.csv and the checkpoint."""
+    from .metrics import mse, spearman
+
+    plan = ctx.pool.plan["studies"]
+    spec = make_run_spec(ctx.cfg, ctx.pool, "final", ctx.run_dir, {s: p["final"]["train"] for s, p in plan.items()},
+                         {s: p["final"]["val"] for s, p in plan.items()}, None)
+    ctx.log(f"final: {json.dumps(spec.counts(ctx.pool))}")
+    done = train_run(ctx, spec)
+    if done is None:
         return False
-    if not dist.is_main:
+    if not ctx.dist.is_main:
         return True
-    amp = amp_dtype(cfg, device)
+    summary, outputs = done
+    truth, model_cfg = ctx.pool.truth, ctx.model.cfg
     final_metrics: dict = {"epoch": summary["epoch"]}
-    val = metrics_on(model, pool, spec.val_idx, pool.labelled.scores[spec.val_idx], cfg, loader, device,
-                      summary["trunk_changed"], amp)
-    if val:
-        final_metrics["inner_val"] = {"n": len(spec.val_idx), "spearman": val["spearman"], "mse": val["mse"]}
+    if len(spec.val_idx) > 1:
+        pred = scores_of(outputs[spec.val_idx], model_cfg)
+        final_metrics["inner_val"] = {"n": len(spec.val_idx), "spearman": spearman(pred, truth[spec.val_idx]),
+                                      "mse": mse(pred, truth[spec.val_idx])}
     if len(spec.holdout_idx) > 1:
-        hold = metrics_on(model, pool, spec.holdout_idx, teacher_truth(pool, spec.holdout_idx), cfg, loader, device,
-                           summary["trunk_changed"], amp)
-        final_metrics["teacher_holdout"] = {"n": len(spec.holdout_idx), "spearman": hold["spearman"],
-                                            "note": "agreement with the teacher on photos never trained on"}
-    (run_dir / "metrics.json").write_text(json.dumps(to_plain(final_metrics), indent=2) + "\n")
-    if model.cfg.teacher_output and outputs_from_cache(pool, summary):
-        write_head_outputs(run_dir / "head_outputs.csv", model, pool, spec, cfg, device)
-    path = write_checkpoint(cfg, run_dir, pool, spec, model, source, preprocessing, summary, final_metrics, run_info)
-    log(f"checkpoint written: {path}")
+        hold = outputs[spec.holdout_idx]
+        final_metrics["teacher_holdout"] = {
+            "n": len(spec.holdout_idx), "spearman": spearman(scores_of(hold, model_cfg), truth[spec.holdout_idx]),
+            "profiles": {p: spearman(scores_of(hold, model_cfg, p), truth[spec.holdout_idx])
+                         for p in _profile_names(model_cfg)},
+            "note": "agreement with the teacher on photos never trained on"}
+    (ctx.run_dir / "metrics.json").write_text(json.dumps(to_plain(final_metrics), indent=2) + "\n")
+    write_head_outputs(ctx.run_dir / "head_outputs.csv", ctx, spec, outputs)
+    path = write_checkpoint(ctx, spec, summary, final_metrics)
+    ctx.log(f"checkpoint written: {path}")
     return True
 
 
-def write_checkpoint(cfg: Config, run_dir: Path, pool: Pool, spec: RunSpec, model, source, preprocessing, summary,
-                     final_metrics: dict, run_info: dict) -> Path:
+def _profile_names(model_cfg) -> tuple[str, ...]:
+    from ..profiles import profile_names
+
+    return profile_names(model_cfg)
+
+
+def write_checkpoint(ctx: RunContext, spec: RunSpec, summary, final_metrics: dict) -> Path:
     from ..checkpoint import CheckpointMeta, save_checkpoint
 
+    cfg, pool, model = ctx.cfg, ctx.pool, ctx.model
     if not summary["trunk_changed"]:
         model.set_trunk_frozen(True)  # an untouched package trunk is referenced, not embedded
     metrics = {"final_run": final_metrics}
-    cv_path = run_info.get("cv_results")
+    cv_path = ctx.run_info.get("cv_results")
     if cv_path:
         metrics["cross_validation"] = cv_summary(read_cv_results(cv_path))
-    data = {"labelled": asdict(cfg.data.labelled)}
+    # "labelled" (the scale study) as before named studies, for readers of older metadata
+    data = {"studies": [asdict(s) for s in cfg.data.studies], "scale": cfg.data.scale_study,
+            "labelled": asdict(cfg.data.study(cfg.data.scale_study))}
     if pool.teacher is not None:
         data["teacher"] = asdict(cfg.data.teacher)
-    training = {
-        "data": data,
-        "counts": {"labelled_images": len(pool.labelled), "labelled_skipped": pool.labelled.skipped,
-                   **({"teacher_images": len(pool.teacher), "teacher_skipped": pool.teacher.skipped}
-                      if pool.teacher is not None else {}),
-                   **spec.counts(pool)},
-        "epochs": summary["epoch"],
-        **({"readout": summary["readout"]} if summary.get("readout") else {}),
-        "splits_file": pool.plan.get("source", ""),
-        "config": cfg.to_dict(),
-    }
-    reference = reference_quantiles(model, pool, cfg, device=next(model.parameters()).device) \
-        if outputs_from_cache(pool, summary) else {}
+    counts = {"labelled_images": pool.n_labelled,
+              "labelled_skipped": sum(s.data.skipped for s in pool.studies),
+              "studies": {s.name: {"images": len(s.data), "skipped": s.data.skipped} for s in pool.studies}}
+    if pool.teacher is not None:
+        counts.update(teacher_images=len(pool.teacher), teacher_skipped=pool.teacher.skipped)
+    training = {"data": data, "counts": {**counts, **spec.counts(pool)}, "epochs": summary["epoch"],
+                **({"readout": summary["readout"]} if summary.get("readout") else {}),
+                "splits_file": pool.plan.get("source", ""), "config": cfg.to_dict()}
+    reference = reference_quantiles(ctx) if outputs_from_cache(ctx, summary["trunk_changed"]) else {}
+    names = ", ".join(pool.names)
     meta = CheckpointMeta(
-        name=cfg.output.name, architecture=model.cfg, preprocessing=preprocessing, trunk=source,
+        name=cfg.output.name, architecture=model.cfg, preprocessing=ctx.preprocessing, trunk=ctx.source,
         trunk_embedded=False, version=cfg.output.version,
         description=cfg.output.description or f"ResMem-Net {model.cfg.backbone}/{model.cfg.head} trained on "
-                                              f"{pool.labelled.name}" + (" + teacher scores" if pool.teacher else ""),
-        training=training, metrics=to_plain(metrics), provenance=provenance(run_info), license=source.license,
+                                              f"{names}" + (" + teacher scores" if pool.teacher else ""),
+        training=training, metrics=to_plain(metrics), provenance=provenance(ctx.run_info), license=ctx.source.license,
         reference=reference,
     )
-    return save_checkpoint(model.cpu(), meta, run_dir / f"{cfg.output.name}.json")
+    return save_checkpoint(model.cpu(), meta, ctx.run_dir / f"{cfg.output.name}.json")
 
 
-def reference_quantiles(model, pool: Pool, cfg: Config, *, device) -> dict:
+def reference_quantiles(ctx: RunContext) -> dict:
     """The final model's score quantiles (0th..100th percentile) over every teacher photo, the fixed
     diverse reference set behind each answer's `percentile` (CheckpointMeta.percentile): "quantiles"
-    for the default score, "profiles" for the model's other profiles (network.available_profiles).
-    {} when the run has no teacher photos (the caller checks that the cache holds the outputs:
-    outputs_from_cache)."""
-    import numpy as np
-    import torch
-
-    from ..network import available_profiles, profile_score
+    for the default profile, "profiles" for every other profile. {} without teacher photos (the
+    caller checks that the cache holds the outputs: outputs_from_cache)."""
     from .predict import head_outputs
 
+    pool, cfg = ctx.pool, ctx.cfg
     if pool.teacher is None:
         return {}
     idx = np.arange(pool.n_labelled, len(pool.paths))
-    outputs = torch.from_numpy(head_outputs(model, pool, idx, cfg, device))
+    outputs = head_outputs(ctx, idx)
     levels = np.linspace(0, 1, 101)
 
     def quantiles(profile: str) -> list[float]:
-        scores = profile_score(outputs, model.cfg, profile).numpy().astype(np.float64)
-        return [round(float(q), 6) for q in np.quantile(scores, levels)]
+        return [round(float(q), 6) for q in np.quantile(scores_of(outputs, ctx.model.cfg, profile), levels)]
 
     sources = [cfg.data.teacher.csv, *(e.split("=", 1)[0] for e in cfg.data.teacher.extra)]
     ref = {"set": f"the {len(idx):,} teacher photos ({', '.join(Path(s).name for s in sources)})",
            "n": int(len(idx)), "quantiles": quantiles("default")}
-    others = [p for p in available_profiles(model.cfg) if p != "default"]
+    others = [p for p in _profile_names(ctx.model.cfg) if p != "default"]
     if others:
         ref["profiles"] = {p: quantiles(p) for p in others}
     return ref
@@ -218,7 +180,9 @@ def read_cv_results(path) -> dict:
 
 
 def cv_summary(report: dict) -> dict:
-    keys = ("dataset", "splits", "mean", "std", "top_bottom", "splits_file", "run_dir", "blend_curve")
+    """What a checkpoint keeps of a cv.json: the scale study's folds (as before named studies),
+    and every protocol's summary."""
+    keys = ("dataset", "splits", "mean", "std", "top_bottom", "splits_file", "run_dir", "blend_curve", "summary")
     return {k: report[k] for k in keys if k in report}
 
 
@@ -240,4 +204,3 @@ def provenance(run_info: dict) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": run_info.get("command", ""), "started": run_info.get("started"),
             "torch": torch.__version__, "python": platform.python_version()}
-

@@ -3,13 +3,17 @@
 `main(argv)` is what the CLI's `resmemnet train` calls and tests call in-process. The work is
 split into modules with one job each (open_clip style):
 
-- params.py: command-line arguments
+- params.py: command-line arguments; config.py (+ validation.py): the TOML config
+- context.py: the run context (config, photos, model, device, distributed state, loader) every step reads
+- data.py: the datasets' layouts; splits.py: the split plan; pool.py: a run's photos (every study, then
+  the teacher's) and runs over them (training rows, common-scale targets, weights)
+- features.py: the frozen trunk's feature caches; loader.py: the threaded image loader
 - model_setup.py: model, trunk source, preprocessing, device, precision, per-epoch seeds
-- pool.py: the run's images (labelled + teacher), targets/weights per run, feature cache, image loader
 - state.py: what --resume reads back (model/optimiser tensors, state.json, log.csv), --stop-after
 - loop.py: one epoch and all phases of one run (`fit`); readout_fit.py: the closed-form readout head
-- predict.py: scores, score calibration, blend curve
-- runs.py: cross-validation and the final model's checkpoint
+- profile_fit.py: the head's named outputs and the profiles fitted from its outputs
+- predict.py: head outputs (once per run), scores, blend curve
+- runs.py: one run, and the final model's checkpoint; cv.py: the cross-validation protocols
 - distributed.py, step.py: torchrun (DistributedDataParallel; see distributed.py for how work is split)
 
 A run folder holds config.toml/.json (resolved), run.json (mode, command), splits.json (the
@@ -27,30 +31,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .common import TrainError, to_plain
-from .config import ConfigError, config_from_dict, load_config, save_config, to_toml
+from .common import TrainError
+from .config import ConfigError, config_from_dict, load_config, to_toml
 from .data import DatasetError
-from .distributed import barrier, broadcast_object, init_distributed, shutdown
-from .loop import fit, run_epoch
-from .model_setup import (amp_dtype, build_model, epoch_seed, preprocessing_for, resolve_device, trunk_identity,
-                          trunk_source_for)
-from .params import add_train_arguments, parse_args
-from .pool import (FeatureTable, ImageLoader, Pool, RunSpec, attach_features, load_data, make_run_spec,
-                   prepare_pool, train_batches)
-from .predict import BLEND_GRID, blend_curve, calibrate_score, head_outputs, predict
-from .readout_fit import fit_readout_head
-from .runs import read_cv_results, run_cv, run_final, write_checkpoint
-from .state import (LOG_FIELDS, STATE_FORMAT, EpochBudget, load_model_state, read_training_state,
-                    save_model_state, save_training_state)
-
-__all__ = [  # importable from here as before the split
-    "BLEND_GRID", "LOG_FIELDS", "STATE_FORMAT", "EpochBudget", "FeatureTable", "ImageLoader", "Pool", "RunSpec",
-    "TrainError", "add_train_arguments", "amp_dtype", "attach_features", "blend_curve", "build_model",
-    "calibrate_score", "epoch_seed", "fit", "fit_readout_head", "head_outputs", "load_data", "load_model_state",
-    "main", "make_run_spec", "parse_args", "predict", "prepare_pool", "preprocessing_for", "read_training_state",
-    "resolve_device", "run", "run_cv", "run_epoch", "run_final", "save_model_state", "save_training_state",
-    "to_plain", "train_batches", "trunk_identity", "trunk_source_for", "write_checkpoint",
-]
+from .distributed import broadcast_object, init_distributed, shutdown
+from .params import parse_args
+from .state import EpochBudget
 
 EXIT_OK, EXIT_USAGE = 0, 2
 # what may change when resuming: nothing that alters the result
@@ -120,6 +106,8 @@ def _run(args, argv) -> int:
         run_info = {"mode": mode, "command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "cv_results": args.cv_results}
     if run_info.get("cv_results"):
+        from .runs import read_cv_results
+
         read_cv_results(run_info["cv_results"])  # fail before training, not after
     # under torchrun: join the job (every rank has read the run folder by now; rank 0 writes it)
     dist, device_name = init_distributed(cfg.train.device)
@@ -130,36 +118,16 @@ def _run(args, argv) -> int:
 
 
 def _train(cfg, args, dist, device_name: str, run_dir: Path, run_info: dict, mode: str) -> int:
-    device = resolve_device(device_name)
+    from .context import build_context
+    from .cv import run_cv
+    from .runs import run_final
+
     run_dir = Path(broadcast_object(str(run_dir), dist))  # a default folder name holds rank 0's clock
-    log = _log if dist.is_main else _quiet
-    # data and trunk first: a missing folder or weight file must not leave a run folder behind.
-    # Rank 0 goes first wherever files may be written (dataset caches, split files).
-    if not dist.is_main:
-        barrier(dist)
-    labelled, teacher = load_data(cfg)
-    model, source = build_model(cfg)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
-        (run_dir / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
-        workers = f", {dist.world} processes ({dist.backend})" if dist.enabled else ""
-        log(f"run folder: {run_dir} ({mode}, device {device}{workers})")
-        pool = prepare_pool(cfg, run_dir, labelled, teacher, resume=bool(args.resume), log=log)
-        barrier(dist)
-    else:
-        pool = prepare_pool(cfg, run_dir, labelled, teacher, resume=True, log=log)  # rank 0's splits.json
-    preprocessing = preprocessing_for(cfg, model)
-    attach_features(cfg, pool, model, source, preprocessing, device, log=log, dist=dist)
-    loader = ImageLoader(pool.paths, preprocessing, cfg.data.workers)
-    budget = EpochBudget(args.stop_after)
-    if mode == "cv":
-        finished = run_cv(cfg, run_dir, pool, model, loader, device, budget, log=log, dist=dist)
-    else:
-        finished = run_final(cfg, run_dir, pool, model, source, preprocessing, loader, device, budget, run_info,
-                             log=log, dist=dist)
+    ctx = build_context(cfg, run_dir, run_info, device_name=device_name, resume=bool(args.resume),
+                        budget=EpochBudget(args.stop_after), dist=dist, log=_log if dist.is_main else _quiet)
+    finished = run_cv(ctx) if mode == "cv" else run_final(ctx)
     if not finished:
-        log(f"stopped after {args.stop_after} epoch(s); continue with: resmemnet train --resume {run_dir}")
+        ctx.log(f"stopped after {args.stop_after} epoch(s); continue with: resmemnet train --resume {run_dir}")
     return EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """Ridge baselines on the frozen trunk's pooled stage outputs, on exactly the folds, images and
 feature cache of a training-module CV run, so the learned head is compared like for like.
 
-    .venv/bin/python bench/ridge_baseline.py --run RUN_DIR [--json FILE]
+    python -m research.ridge_baseline --run RUN_DIR [--json FILE]
 
 RUN_DIR is a `resmemnet train --cv` run folder (its config.toml and splits.json are read; the
 feature cache its config names is reused, or built if missing). Features: the pooled output of
@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 ALPHAS = (1e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 BLENDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
@@ -69,42 +68,43 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from model.training.config import load_config
-    from model.training.data import map_teacher_scores, read_splits
+    from model.training.context import build_context
+    from model.training.data import map_scores
     from model.training.metrics import spearman
-    from model.training.train import Pool, attach_features, build_model, load_data, preprocessing_for, resolve_device
+    from model.training.state import EpochBudget
 
     cfg = load_config(str(args.run / "config.toml"))
-    labelled, teacher = load_data(cfg)
-    pool = Pool(labelled, teacher, read_splits(args.run / "splits.json"))
-    model, source = build_model(cfg)
-    attach_features(cfg, pool, model, source, preprocessing_for(cfg, model), resolve_device("cpu"),
-                    log=lambda m: print(m, file=sys.stderr))
+    # the run's own photos, split plan (resume=True: its splits.json) and feature caches
+    ctx = build_context(cfg, args.run, {}, device_name="cpu", resume=True, budget=EpochBudget(None),
+                        log=lambda m: print(m, file=sys.stderr), write_run=False)
+    pool, model, teacher = ctx.pool, ctx.model, ctx.pool.teacher
+    study = pool.study(cfg.data.scale_study)  # the scale study's folds, as the readout's CV
     cols = stage_end_columns(model.cfg.backbone, model.cfg.tap_channels)
     aug = pool.features.augmentations.index("none")
+    truth = pool.truth
 
     def features(idx):
         return pool.features.rows(np.asarray(idx), aug)[:, cols].astype(np.float64)
 
-    t_train, t_hold = pool.teacher_split() if teacher is not None else (np.zeros(0, int), np.zeros(0, int))
+    t_train, t_hold = pool.teacher_split()
     per_alpha = {a: [] for a in ALPHAS}
     nested, blends = [], {b: {"rho": [], "teacher": []} for b in BLENDS}
-    for fold in pool.plan["folds"]:
-        train, test = pool.labelled_idx(fold["train"]), pool.labelled_idx(fold["test"])
-        x_train, y_train, x_test, y_test = features(train), labelled.scores[train], features(test), labelled.scores[test]
+    for fold in pool.plan["studies"][study.name]["folds"]:
+        train, test = pool.idx_of(study.name, fold["train"]), pool.idx_of(study.name, fold["test"])
+        x_train, y_train, x_test, y_test = features(train), truth[train], features(test), truth[test]
         for a in ALPHAS:
             per_alpha[a].append(spearman(ridge_fit_predict(x_train, y_train, [x_test], a)[0], y_test))
         alpha = nested_alpha(x_train, y_train)
-        x_hold = features(t_hold) if len(t_hold) else None
+        x_hold = features(t_hold) if teacher is not None and len(t_hold) else None
         outs = [x_test] + ([x_hold] if x_hold is not None else [])
         lab_pred = ridge_fit_predict(x_train, y_train, outs, alpha)
         nested.append({"fold": fold["name"], "alpha": alpha, "spearman": spearman(lab_pred[0], y_test)})
         if x_hold is None:
             continue
-        raw = teacher.scores[t_train - pool.n_labelled]
-        y_teacher = map_teacher_scores(raw, y_train, cfg.data.teacher.mapping)
+        y_teacher = map_scores(truth[t_train], y_train, cfg.data.teacher.mapping)
         x_teacher = features(t_train)
         teach_pred = ridge_fit_predict(x_teacher, y_teacher, [x_test, x_hold], nested_alpha(x_teacher, y_teacher))
-        hold_truth = teacher.scores[t_hold - pool.n_labelled]
+        hold_truth = truth[t_hold]
         for b in BLENDS:
             blends[b]["rho"].append(spearman(b * lab_pred[0] + (1 - b) * teach_pred[0], y_test))
             blends[b]["teacher"].append(spearman(b * lab_pred[1] + (1 - b) * teach_pred[1], hold_truth))

@@ -1,7 +1,7 @@
 """Score labelled validation sets with a ResMem-Net checkpoint (and, with --resmem, the `resmem`
 pip package on the same photos) and report rank and linear agreement with the human scores.
 
-    .venv/bin/python bench/validate.py [--weights W] [--sets cdm_dev,lnsim] [--resmem]
+    python -m research.validate [--weights W] [--sets cdm_dev,lnsim] [--resmem]
                                        [--out DIR] [--limit N] [--data DIR]
 
 Sets (under --data, default ../shared/data; a set whose data is absent is skipped with a message):
@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SET_NAMES = ("cdm_dev", "lnsim")
 
@@ -158,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
-    from model.checkpoint import DEFAULT_WEIGHTS, CheckpointError, read_meta
+    from model.checkpoint import CheckpointError, read_meta
+    from model.environment import default_weights
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in LOADERS]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown set(s) {unknown}; choose from {', '.join(SET_NAMES)}")
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be at least 1")
-    weights = args.weights or str(DEFAULT_WEIGHTS)
+    weights = args.weights or str(default_weights())
     try:
         meta = read_meta(weights)
     except CheckpointError as exc:

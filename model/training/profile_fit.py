@@ -1,0 +1,127 @@
+"""The head's named output columns for a config, and its score profiles fitted from head outputs
+(model/profiles.py has the formulas; this module chooses their numbers).
+
+Outputs: one per study (named after it), "shared" (model.shared_output), "teacher"
+(model.teacher_output), then with model.domain_gate the domain columns "domain.<study>" ...
+"domain.teacher". Profiles:
+
+- one per study trained in the run: blend x its output + (1 - blend) x the teacher output, then
+  the least-squares affine map onto its training photos' common-scale targets (scale > 0 keeps
+  the ranking: the teacher output brings the teacher's scale along);
+- `general`: the teacher output alone (profiles.general = "teacher"), or the shared output
+  blended with the teacher output and calibrated on every trained study's photos ("shared");
+- `default`: with a domain output, a gated mixture of the study profiles and `general`
+  (profiles.gate sigmoid: model.gate_center / model.gate_width per study column, general taking
+  the rest; softmax: over the studies' and the teacher's columns at profiles.temperature); without
+  one, the scale study's profile;
+- aliases (profiles.aliases, e.g. outdoor = lnsim) whose target exists.
+
+Every number here is fitted from head outputs alone, so a saved head_outputs.csv re-scores any
+blend or gate setting without refitting the head (research/gate_sweep.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..profiles import ProfileSpec
+from .config import Config
+
+
+def output_layout(cfg: Config) -> tuple[str, ...]:
+    names = [s.name for s in cfg.data.studies]
+    out = list(names)
+    if cfg.model.shared_output:
+        out.append("shared")
+    if cfg.model.teacher_output:
+        out.append("teacher")
+    if cfg.model.domain_gate:
+        out += [f"domain.{n}" for n in names] + ["domain.teacher"]
+    return tuple(out)
+
+
+def affine_fit(pred, y) -> tuple[float, float]:
+    """Least-squares (scale, shift) of y on pred; scale 0 when pred is constant."""
+    pred, y = np.asarray(pred, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    var = float(np.var(pred))
+    scale = float(np.cov(pred, y, bias=True)[0, 1] / var) if var > 1e-12 else 0.0
+    return scale, float(y.mean() - scale * pred.mean())
+
+
+def study_blend(cfg: Config, study: str) -> float:
+    own = cfg.data.study(study).blend
+    return own if own >= 0 else cfg.model.score_blend
+
+
+def _calibrated(name: str, inputs, weights, layout, train, log, description: str) -> ProfileSpec:
+    """A blend profile; its affine calibration fitted on `train` ((outputs, targets) or None)."""
+    scale, shift = 1.0, 0.0
+    if train is not None and len(train[1]) >= 2:
+        out, y = train
+        raw = sum(w * out[:, layout.index(c)] for c, w in zip(inputs, weights))
+        a, b = affine_fit(raw, y)
+        if a > 0:
+            scale, shift = a, b
+        elif log is not None:
+            log(f"profile {name}: calibration skipped (training scores do not rise with the blend)")
+    return ProfileSpec(name, inputs=tuple(inputs), weights=tuple(float(w) for w in weights), scale=scale,
+                       shift=shift, description=description)
+
+
+def fit_profiles(cfg: Config, layout: tuple[str, ...], train: dict, *, blends: dict | None = None,
+                 gate: dict | None = None, log=None) -> tuple[ProfileSpec, ...]:
+    """The profiles of a run from its head outputs. `train`: study -> (outputs (n, k) of its
+    training photos, their common-scale targets (n,)), or None for no calibration, for every study
+    trained in the run (in config order). `blends` (study -> blend) and `gate` (keys of
+    [profiles], model.gate_center / gate_width) override the config's, for re-scoring."""
+    blends, gate = blends or {}, gate or {}
+    teacher = "teacher" in layout
+    profiles = []
+    for study, data in train.items():
+        b = blends.get(study, study_blend(cfg, study))
+        inputs, weights = ((study, "teacher"), (b, 1.0 - b)) if teacher else ((study,), (1.0,))
+        profiles.append(_calibrated(study, inputs, weights, layout, data, log,
+                                    f"photos like {study}'s: its output blended with the teacher output"
+                                    if teacher else f"photos like {study}'s"))
+    general = _general(cfg, layout, train, gate, log)
+    if general is not None:
+        profiles.append(general)
+    profiles.append(_default(cfg, layout, list(train), general is not None, gate))
+    names = {p.name for p in profiles}
+    for item in cfg.profiles.aliases:
+        alias, _, target = item.partition("=")
+        if target in names and alias not in names:
+            profiles.append(ProfileSpec(alias, kind="alias", inputs=(target,), description=f"another name of {target}"))
+    return tuple(profiles)
+
+
+def _general(cfg: Config, layout, train: dict, gate: dict, log) -> ProfileSpec | None:
+    what = "for photos unlike every study"
+    if gate.get("general", cfg.profiles.general) == "shared" and "shared" in layout:
+        b = gate.get("general_blend", cfg.profiles.general_blend)
+        pooled = [d for s, d in train.items() if d is not None and cfg.data.study(s).shared]
+        data = (np.concatenate([d[0] for d in pooled]), np.concatenate([d[1] for d in pooled])) if pooled else None
+        inputs, weights = (("shared", "teacher"), (b, 1.0 - b)) if "teacher" in layout else (("shared",), (1.0,))
+        return _calibrated("general", inputs, weights, layout, data, log, f"{what}: the shared output and the teacher's")
+    if "teacher" in layout:
+        return ProfileSpec("general", inputs=("teacher",), weights=(1.0,), description=f"{what}: the teacher output")
+    return None
+
+
+def _default(cfg: Config, layout, studies: list[str], has_general: bool, gate: dict) -> ProfileSpec:
+    kind = gate.get("gate", cfg.profiles.gate)
+    if not (has_general and "domain.teacher" in layout and kind != "none"):
+        first = cfg.data.scale_study if cfg.data.scale_study in studies else studies[0]
+        return ProfileSpec("default", kind="alias", inputs=(first,), description=f"the {first} profile")
+    inputs = (*studies, "general")
+    if kind == "softmax":
+        return ProfileSpec("default", kind="mixture", gate="softmax", inputs=inputs,
+                           gate_inputs=(*(f"domain.{s}" for s in studies), "domain.teacher"),
+                           temperature=gate.get("temperature", cfg.profiles.temperature),
+                           description="each study's profile where the domain output says the photo is like its "
+                                       "photos, general elsewhere")
+    c, w = gate.get("gate_center", cfg.model.gate_center), gate.get("gate_width", cfg.model.gate_width)
+    return ProfileSpec("default", kind="mixture", gate="sigmoid", inputs=inputs,
+                       gate_inputs=(*(f"domain.{s}" for s in studies), ""),
+                       centers=(c,) * len(studies) + (0.0,), widths=(w,) * len(studies) + (1.0,),
+                       description="each study's profile where the domain output says the photo is like its photos, "
+                                   "general elsewhere")
