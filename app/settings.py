@@ -10,7 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
 from model.engines import BACKENDS, DEFAULT_BACKEND
-from model.environment import ENV_PREFIX, env_name, env_value  # noqa: F401  (ENV_PREFIX: for callers)
+from model.environment import ENV_PREFIX, PRECISIONS, env_name, env_value  # noqa: F401  (ENV_PREFIX: for callers)
 from model.errors import InputError
 
 MiB = 1024 * 1024
@@ -43,6 +43,9 @@ class ServiceSettings:
                          metadata=_doc("checkpoint .json to serve (default: the shipped checkpoint)"))
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when present, else CPU), `cpu` or `cuda`"))
     mixed_precision: bool = field(default=True, metadata=_doc("trunk in fp16 on CUDA, in bf16 on CPUs with native bf16 (AVX512-BF16/AMX); false: fp32"))
+    precision: str = field(default="auto", metadata=_doc(
+        "the trunk's precision: `auto` (as `mixed_precision` says), `fp32`, `bf16` or `fp16` (forced, also where the "
+        "CPU only emulates it: slower, for tests). The command line reads the same variable"))
     backend: str = field(default=DEFAULT_BACKEND, metadata=_doc(
         "inference engine: `torch`, `onnxruntime` (the model's ONNX export on the CPU, fp32, scores within 1e-3 of "
         "torch fp32; needs the `engines` extra) or `auto` (onnxruntime on a CPU where installed). Heatmaps use torch"))
@@ -78,6 +81,8 @@ class ServiceSettings:
         problems = []
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.backend not in ("auto", *BACKENDS):
             problems.append(f"backend must be auto, torch or onnxruntime, not {self.backend!r}")
         for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",

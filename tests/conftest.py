@@ -90,8 +90,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
-    """The tiny checkpoint's Scorer on the CPU, as the service builds it: the trunk runs in bf16
-    on a CPU with native bf16, so compare its scores with fp32 ones at about 1e-2, not 1e-5."""
+    """The tiny checkpoint's Scorer on the CPU, as the service builds it, in the precision
+    RESMEMNET_PRECISION names, else "auto": the trunk runs in bf16 on a CPU with native bf16. Compare
+    its scores with its own (same precision) at 1e-5, with fp32 ones at about 1e-2; a test that
+    needs fp32 builds its Scorer with precision="fp32" (tests/test_precision.py)."""
     from model.scoring import Scorer
 
     return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
