@@ -1,7 +1,8 @@
 # ResMem-Net scoring service.
 #   docker build -t resmemnet .
-#   docker run --gpus all -p 8000:8000 resmemnet               (GPU)
-#   docker run -p 8000:8000 -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: same image, CPU inference)
+#   docker run --gpus all -p 8000:8000 -e RESMEMNET_API_KEYS resmemnet               (GPU)
+#   docker run -p 8000:8000 -e RESMEMNET_API_KEYS -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: CPU inference)
+# It listens on 0.0.0.0, so it needs an API key (RESMEMNET_API_KEYS=name:key, docs/deploy.md) or it refuses to start.
 # The container runs `resmemnet serve`, configured by the RESMEMNET_* variables below (docs/api.md).
 # .dockerignore keeps the virtual environment, runs and caches out of the build context.
 

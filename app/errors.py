@@ -10,6 +10,7 @@ counted once, under the reason of the answer the client got.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -41,6 +42,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "request_timeout": (408, "the request body stopped arriving: no data for `RESMEMNET_BODY_TIMEOUT_S` seconds "
                              "before it was complete; the connection is closed"),
     "bad_request": (400, "the request body could not be parsed (e.g. malformed multipart)"),
+    "unauthorized": (401, "no valid API key: the service has keys configured and the request did not carry one as "
+                          "`Authorization: Bearer KEY` (a key in the URL is refused too); see `WWW-Authenticate`"),
     "not_found": (404, "no such endpoint"),
     "method_not_allowed": (405, "the endpoint exists but not for this HTTP method"),
     "queue_full": (503, "the scoring queue is full; retry after `Retry-After` seconds"),
@@ -54,7 +57,7 @@ REASONS: dict[str, tuple[int, str]] = {
 # ImageDecodeError.reason -> our reason (the same codes, plus the file-level ones).
 DECODE_REASONS = {"empty", "corrupt", "not_an_image", "too_many_pixels", "non_finite"}
 
-HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+HTTP_STATUS_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                        413: "upload_too_large",
                        415: "not_an_image", 422: "invalid_request", 503: "not_ready", 504: "deadline_exceeded"}
 
@@ -99,6 +102,20 @@ def count_file_error(request_or_app, reason: str) -> None:
     metrics = getattr(getattr(app, "state", None), "metrics", None)
     if metrics is not None:
         metrics.errors.labels(reason=reason).inc()
+
+
+async def send_error(send, scope: dict, status: int, reason: str, message: str, *,
+                     headers: list[tuple[bytes, bytes]] = (), close: bool = False) -> None:
+    """Send the standard error body straight through ASGI `send` (for middleware that answers
+    before the app runs), recording its reason for the metrics. close: ask the client to close
+    the connection (the request body was not read)."""
+    mark_error(scope, reason)
+    body = json.dumps(error_body(status, reason, message)).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    if close:
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(request: Request | None, status: int, reason: str, message: str, *,

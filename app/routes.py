@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 
 from .batcher import BatcherClosedError, QueueFullError
 from .body_limit import SCOPE_MULTIPART_COMPLETE
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
     from .state import ServiceState
 
 router = APIRouter()
+
+# Documents the Bearer scheme in /openapi.json (and gives /docs its Authorize button); the key
+# itself is checked by app.auth_middleware before any of this runs, so this never refuses.
+API_KEY = Depends(HTTPBearer(auto_error=False, scheme_name="api_key", description=(
+    "an API key as `Authorization: Bearer KEY`, needed when the service has keys configured (RESMEMNET_API_KEYS, "
+    "RESMEMNET_API_KEYS_FILE)")))
 
 IMAGE_FIELD_DOC = "the image: JPEG, PNG, WebP, GIF, BMP, TIFF or any other format Pillow reads"
 PROFILE_QUERY_DOC = ("score profile: `default` (the checkpoint's own score), `general` (the teacher-distilled output, "
@@ -179,7 +186,8 @@ def _timing(prepared: Decoded, result, total_s: float) -> Timing:
 
 # -- scoring ---------------------------------------------------------------------------------
 @router.post("/score", response_model=ScoreResponse, tags=["scoring"], summary="Score one image",
-             responses=error_responses(400, 413, 415, 422, 503, 504))
+             responses=error_responses(400, 401, 413, 415, 422, 503, 504),
+             dependencies=[API_KEY])
 async def score(request: Request, file: UploadFile = File(..., description=IMAGE_FIELD_DOC),
                 profile: str = profile_query(),
                 _form: None = form_fields("file", many=False, query=("profile",))) -> ScoreResponse:
@@ -206,7 +214,8 @@ async def score(request: Request, file: UploadFile = File(..., description=IMAGE
 
 
 @router.post("/score/batch", response_model=BatchResponse, tags=["scoring"], summary="Score several images",
-             responses=error_responses(400, 413, 422, 503, 504))
+             responses=error_responses(400, 401, 413, 422, 503, 504),
+             dependencies=[API_KEY])
 async def score_batch(request: Request,
                       files: list[UploadFile] = File(..., description="repeat the field once per image"),
                       profile: str = profile_query(),
@@ -270,7 +279,8 @@ HEATMAP_HEADERS = {
 @router.post("/heatmap", tags=["scoring"], summary="Grad-RAM heatmap of one image", response_class=Response,
              responses={200: {"content": {"image/png": {}}, "headers": HEATMAP_HEADERS,
                               "description": "a PNG the size of the image; the score is in X-Memorability-Score"},
-                        **error_responses(400, 413, 415, 422, 503, 504)})
+                        **error_responses(400, 401, 413, 415, 422, 503, 504)},
+             dependencies=[API_KEY])
 async def heatmap(
     request: Request,
     file: UploadFile = File(..., description=IMAGE_FIELD_DOC),

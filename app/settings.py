@@ -74,6 +74,18 @@ class ServiceSettings:
     body_timeout_s: float = field(default=30.0, metadata=_doc(
         "longest wait for the next piece of a request body still being uploaded; past it the answer is 408 "
         "`request_timeout` and the connection is closed (a stalled upload is not held open)"))
+    # -- API keys (docs/api.md, "API keys") -----------------------------------------------------
+    api_keys: str = field(default="", repr=False, metadata=_doc(
+        "API keys, comma-separated, each `KEY` or `NAME:KEY` (a key: 16+ characters of letters, digits and `-._~+/`, "
+        "e.g. `openssl rand -hex 32`). Set: /score, /score/batch and /heatmap need `Authorization: Bearer KEY`"))
+    api_keys_file: str = field(default="", metadata=_doc(
+        "a file of API keys, one `KEY` or `NAME:KEY` a line (`#` comments); re-read on SIGHUP and when it changes "
+        "(checked at most once a second), without a restart. Set: keys are needed as above"))
+    auth: str = field(default="auto", metadata=_doc(
+        "`auto`: keys are needed when any are configured; with none, `resmemnet serve` refuses to bind an address "
+        "other than loopback. `off`: no key is ever asked for (e.g. behind a proxy that authenticates). `on`: keys "
+        "always (refuse to start without one)"))
+    metrics_auth: bool = field(default=False, metadata=_doc("true: GET /metrics needs an API key too"))
     # -- heatmaps ------------------------------------------------------------------------------
     heatmap_concurrency: int = field(default=1, metadata=_doc("heatmaps computed at once; more get 503 + Retry-After"))
 
@@ -83,6 +95,8 @@ class ServiceSettings:
             problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.auth not in ("auto", "on", "off"):
+            problems.append(f"auth must be auto, on or off, not {self.auth!r}")
         if self.backend not in ("auto", *BACKENDS):
             problems.append(f"backend must be auto, torch or onnxruntime, not {self.backend!r}")
         for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",

@@ -36,7 +36,7 @@ def run_serve(args) -> int:
             log_level=args.log_level)
     except SettingsError as exc:
         return fail(str(exc), command="serve")
-    problem = check_port(settings.host, settings.port) or check_startup(settings)
+    problem = check_auth(settings) or check_port(settings.host, settings.port) or check_startup(settings)
     if problem:
         return fail(problem, command="serve")
 
@@ -83,6 +83,18 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
     except (OSError, AttributeError):
         return False
+
+
+def check_auth(settings) -> str | None:
+    """Refuse, before anything binds, an address off loopback with no API key, and key settings
+    that cannot be used (app.auth.auth_problem: the one rule; docs/api.md, "API keys")."""
+    from app.auth import auth_problem, keys_from_settings
+    from app.settings import SettingsError
+
+    try:
+        return auth_problem(settings, keys_from_settings(settings))
+    except SettingsError as exc:
+        return str(exc)
 
 
 def check_startup(settings) -> str | None:
