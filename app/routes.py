@@ -65,13 +65,13 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
         for name in sorted({k for k, _ in request.query_params.multi_items()}):
             if name not in query:
                 allowed = f"it takes {', '.join(query)}" if query else "it takes none"
-                name = name if len(name) <= 40 else f"{name[:40]}..."  # echo no huge values
+                name = _short(name)  # echo no huge values
                 raise ServiceError("unexpected_field", f"query parameter {name!r} is not known to "
                                    f"{request.url.path} ({allowed}); it is refused rather than ignored")
             given = request.query_params.getlist(name)
             if len(given) > 1:
                 raise ServiceError("invalid_request", f"query parameter {name!r} is given {len(given)} times "
-                                   f"({', '.join(map(repr, given))}); give it once")
+                                   f"({', '.join(repr(_short(g)) for g in given)}); give it once")
         content_type = request.headers.get("content-type", "").lower()
         if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return  # FastAPI reports the missing field
@@ -85,17 +85,23 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
             return  # FastAPI answers 422 invalid_request, naming the fields that did come
         others = sorted(set(names) - {field})
         if others:
-            raise ServiceError("unexpected_field", f"multipart field(s) {', '.join(map(repr, others))} are not taken by "
+            raise ServiceError("unexpected_field", f"multipart field(s) {', '.join(repr(_short(n)) for n in others)} "
+                               f"are not taken by "
                                f"{request.url.path}; it takes only {field!r}"
                                + ("" if many else " (one image; several images go to /score/batch in field 'files')"))
         count = names.count(field)
         if not many and count > 1:
-            files = [getattr(v, "filename", None) or "(no name)" for v in form.getlist(field)]
+            files = [_short(getattr(v, "filename", None) or "(no name)") for v in form.getlist(field)]
             raise ServiceError("multiple_files", f"{count} files were sent in field {field!r} ({', '.join(files)}), "
                                f"but {request.url.path} scores one image per request; send several images to "
                                f"/score/batch in repeated field 'files', or one request per image")
 
     return Depends(check)
+
+
+def _short(name: str, limit: int = 40) -> str:
+    """A name a client chose, cut for an error message (part headers may be 4 KiB each)."""
+    return name if len(name) <= limit else f"{name[:limit]}..."
 
 
 # -- shared steps ----------------------------------------------------------------------------

@@ -90,7 +90,11 @@ def create_app(settings: ServiceSettings | None = None, scorer: Scorer | None = 
     install_access_log_filter()
     install_error_handlers(app)
     app.include_router(page.router)  # the web page at / (first: it answers / for browsers)
-    app.include_router(routes.router)
+    # Starlette's multipart parser stops at the first file, field or text past these (its own defaults: 1000
+    # files, 1000 fields of 1 MiB each, all kept in memory); python-multipart bounds each part's headers.
+    app.include_router(routes.router, form_limits={"max_files": settings.max_files_per_request,
+                                                   "max_fields": settings.max_form_fields,
+                                                   "max_part_size": settings.max_field_bytes})
 
     def body_limit_for(path: str) -> int | None:
         if path == "/score/batch":

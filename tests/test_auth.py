@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from conftest import assert_error, free_port, make_image, metric_samples, serve_subprocess, wait_until_ready
+from conftest import (assert_error, free_port, make_image, metric_samples, raw_request, serve_subprocess,
+                      wait_until_ready)
 
 ALICE = secrets.token_hex(16)  # 32 characters: what `openssl rand -hex 16` gives
 BOB = secrets.token_urlsafe(24)
@@ -345,23 +346,6 @@ def test_access_log_lines_lose_key_values():
 
 
 # -- a real server ---------------------------------------------------------------------------------
-def raw_request(sock: socket.socket, head: str, body: bytes = b"") -> tuple[str, bytes]:
-    """Send one HTTP/1.1 request and read one response (status line + headers, body)."""
-    sock.sendall(head.encode() + b"\r\n\r\n" + body)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head_text, _, rest = data.partition(b"\r\n\r\n")
-    length = int(next((line.split(":", 1)[1] for line in head_text.decode().split("\r\n")
-                       if line.lower().startswith("content-length:")), "0"))
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return head_text.decode(), rest
-
-
 @pytest.mark.process
 def test_sighup_reloads_the_key_file_in_a_served_process(tiny_checkpoint, tmp_path):
     """Also: the access log (level info) holds no key, a refused upload leaves its connection

@@ -44,18 +44,11 @@ def run_serve(args) -> int:
 
     import uvicorn
 
+    from app.http_protocol import uvicorn_config
     from app.service import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-        # 0 means no grace (requests still running are answered 503 shutting_down at once); never None,
-        # which uvicorn takes as "wait forever", e.g. for a client stalled mid-upload.
-        timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on",
-        # The service bounds its own queue; keep-alive connections of load balancers are welcome.
-        timeout_keep_alive=30,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     server.run()
     # uvicorn returns normally after SIGTERM; a failed start (port in use) leaves `started` False.
     return EXIT_OK if server.started else EXIT_SOME_FAILED
