@@ -1,7 +1,8 @@
 # ResMem-Net scoring service: one image for GPU and CPU (BuildKit: Docker 23 or newer, or DOCKER_BUILDKIT=1).
 #   docker build -t resmemnet .
-#   docker run --gpus all -p 8000:8000 resmemnet               (GPU: NVIDIA driver + nvidia-container-toolkit)
-#   docker run -p 8000:8000 -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: the same image, CPU inference)
+#   docker run --gpus all -p 8000:8000 -e RESMEMNET_API_KEYS resmemnet               (GPU: NVIDIA driver + nvidia-container-toolkit)
+#   docker run -p 8000:8000 -e RESMEMNET_API_KEYS -e RESMEMNET_DEVICE=cpu resmemnet  (no GPU: the same image, CPU inference)
+# It listens on 0.0.0.0, so it needs an API key (RESMEMNET_API_KEYS=name:key, docs/deploy.md) or it refuses to start.
 # The container runs `resmemnet serve`, configured by RESMEMNET_* variables (docs/api.md).
 # A private package index: hand pip its configuration as a build secret, which no layer keeps
 # (and, behind a TLS-inspecting proxy, the CA bundle it names as `cert = /run/secrets/pip-cert`):

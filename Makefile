@@ -10,7 +10,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The one Python version this project states and tests (pyproject, Dockerfile, CI).
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
-# Loopback by default: the page and API are for this machine. `make serve HOST=0.0.0.0` opens it to the network.
+# Loopback by default: the page and API are for this machine. `make serve HOST=0.0.0.0` opens it to the network
+# (with API keys in RESMEMNET_API_KEYS, or it refuses to start: docs/api.md).
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_IMAGES ?= ../shared/data/pool

@@ -11,12 +11,11 @@ the standard error body.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Callable
 
 from model.errors import ResMemNetError
 
-from .errors import error_body, mark_error
+from .errors import send_error
 
 # scope key: True/False once a multipart body has been read to its end (closing boundary seen or not)
 SCOPE_MULTIPART_COMPLETE = "resmemnet.multipart_complete"
@@ -119,25 +118,15 @@ class BodyLimitMiddleware:
             await self._reject(scope, send, limit, None)
 
     async def _time_out(self, scope, send, received: int) -> None:
-        mark_error(scope, "request_timeout")
         message = (f"the request body stopped arriving: no data for {self._timeout(scope):g} s after "
                    f"{received} bytes; send the whole body without pausing")
-        body = json.dumps(error_body(408, "request_timeout", message)).encode()
-        await send({"type": "http.response.start", "status": 408,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, scope, 408, "request_timeout", message, close=True)
 
     async def _reject(self, scope, send, limit: int, declared: int | None) -> None:
         # replaces whatever reason the swallowed answer recorded: the request is counted once, as a 413
-        mark_error(scope, "upload_too_large")
         told = f"is {declared} bytes" if declared is not None else "goes on past the limit"
-        body = json.dumps(error_body(413, "upload_too_large", f"the request body {told}; this endpoint takes at most "
-                                     f"{limit} bytes (the upload limit plus multipart framing)")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, scope, 413, "upload_too_large", f"the request body {told}; this endpoint takes at most "
+                         f"{limit} bytes (the upload limit plus multipart framing)", close=True)
 
 
 def _closing_boundary(scope) -> bytes | None:

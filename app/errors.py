@@ -10,6 +10,7 @@ counted once, under the reason of the answer the client got.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -38,9 +39,17 @@ REASONS: dict[str, tuple[int, str]] = {
     "upload_too_large": (413, "a file or the request body is larger than the upload limit"),
     "too_many_pixels": (413, "the image has more pixels than the limit (decompression-bomb guard)"),
     "too_many_files": (413, "more files in one /score/batch request than allowed"),
-    "request_timeout": (408, "the request body stopped arriving: no data for `RESMEMNET_BODY_TIMEOUT_S` seconds "
-                             "before it was complete; the connection is closed"),
+    "too_many_fields": (413, "more text fields in one multipart request than `RESMEMNET_MAX_FORM_FIELDS`"),
+    "headers_too_large": (431, "the request head is larger than `RESMEMNET_MAX_HEADER_BYTES`; the connection is "
+                               "closed"),
+    "too_many_connections": (429, "more connections open from one address than `RESMEMNET_MAX_CONNECTIONS_PER_CLIENT`; "
+                                  "the connection is closed"),
+    "request_timeout": (408, "the request head did not arrive within `RESMEMNET_HEADER_TIMEOUT_S`, or the body "
+                             "stopped arriving (no data for `RESMEMNET_BODY_TIMEOUT_S` seconds); the connection is "
+                             "closed"),
     "bad_request": (400, "the request body could not be parsed (e.g. malformed multipart)"),
+    "unauthorized": (401, "no valid API key: the service has keys configured and the request did not carry one as "
+                          "`Authorization: Bearer KEY` (a key in the URL is refused too); see `WWW-Authenticate`"),
     "not_found": (404, "no such endpoint"),
     "method_not_allowed": (405, "the endpoint exists but not for this HTTP method"),
     "queue_full": (503, "the scoring queue is full; retry after `Retry-After` seconds"),
@@ -54,7 +63,8 @@ REASONS: dict[str, tuple[int, str]] = {
 # ImageDecodeError.reason -> our reason (the same codes, plus the file-level ones).
 DECODE_REASONS = {"empty", "corrupt", "not_an_image", "too_many_pixels", "non_finite"}
 
-HTTP_STATUS_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+HTTP_STATUS_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                       408: "request_timeout",
                        413: "upload_too_large",
                        415: "not_an_image", 422: "invalid_request", 503: "not_ready", 504: "deadline_exceeded"}
 
@@ -101,6 +111,20 @@ def count_file_error(request_or_app, reason: str) -> None:
         metrics.errors.labels(reason=reason).inc()
 
 
+async def send_error(send, scope: dict, status: int, reason: str, message: str, *,
+                     headers: list[tuple[bytes, bytes]] = (), close: bool = False) -> None:
+    """Send the standard error body straight through ASGI `send` (for middleware that answers
+    before the app runs), recording its reason for the metrics. close: ask the client to close
+    the connection (the request body was not read)."""
+    mark_error(scope, reason)
+    body = json.dumps(error_body(status, reason, message)).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    if close:
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
 def error_response(request: Request | None, status: int, reason: str, message: str, *,
                    retry_after: int | None = None) -> JSONResponse:
     if request is not None:
@@ -141,9 +165,18 @@ def _form_parse_error(request: Request, message: str) -> tuple[str, int, str]:
         settings = getattr(request.app.state, "settings", None)
         limit = getattr(settings, "max_files_per_request", None)
         return "too_many_files", 413, f"{message} (this service takes at most {limit} files per /score/batch request)"
-    if message.startswith("Part exceeded maximum size"):
+    if message.startswith("Too many fields"):
+        settings = getattr(request.app.state, "settings", None)
+        limit = getattr(settings, "max_form_fields", None)
+        return "too_many_fields", 413, (f"more than {limit} text fields in one request (RESMEMNET_MAX_FORM_FIELDS); "
+                                        "the endpoints take none: images go in file fields ('file', or 'files' for "
+                                        "/score/batch)")
+    if message.startswith(("Part exceeded maximum size", "Field exceeded maximum size")):
         return "invalid_request", 422, (f"{message} A text field that large is usually an image sent without a file "
                                         "name (with curl: -F file=@photo.jpg, with the @)")
+    if message == "Invalid multipart data.":
+        message = ("the multipart body could not be parsed: a malformed part, or a part with more header lines "
+                   "than 8 or one longer than 4 KiB (python-multipart's limits)")
     return "bad_request", 400, message
 
 

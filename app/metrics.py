@@ -19,7 +19,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 
 
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True):
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True,
+                 key_names: list[str] = ()):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         if process_metrics:
@@ -34,6 +35,15 @@ class ServiceMetrics:
             f"{NS}_http_requests_in_flight", "HTTP requests being handled now", ("endpoint",), registry=r)
         self.errors = Counter(f"{NS}_errors_total", "error answers (and failed files in batch requests) by reason",
                               ("reason",), registry=r)
+        # labels: the configured keys' names (never the keys) and "anonymous": a bounded set
+        self.key_requests = Counter(f"{NS}_requests_by_key_total", "requests to a protected endpoint let through, by "
+                                    "the name of the API key they carried (`anonymous`: none was needed)",
+                                    ("key",), registry=r)
+        self.auth_rejections = Counter(f"{NS}_auth_rejections_total", "requests refused 401 unauthorized, by why: "
+                                       "missing, several, malformed, empty, unknown_key, key_in_url, no_keys",
+                                       ("reason",), registry=r)
+        for name in key_names:
+            self.key_requests.labels(key=name)
         self.batch_size = Histogram(f"{NS}_batch_size", "images per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait = Histogram(f"{NS}_queue_wait_seconds", "time an image waited in the queue before its batch ran",
                                     buckets=LATENCY_BUCKETS, registry=r)

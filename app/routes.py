@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 
 from .batcher import BatcherClosedError, QueueFullError
 from .body_limit import SCOPE_MULTIPART_COMPLETE
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
     from .state import ServiceState
 
 router = APIRouter()
+
+# Documents the Bearer scheme in /openapi.json (and gives /docs its Authorize button); the key
+# itself is checked by app.auth_middleware before any of this runs, so this never refuses.
+API_KEY = Depends(HTTPBearer(auto_error=False, scheme_name="api_key", description=(
+    "an API key as `Authorization: Bearer KEY`, needed when the service has keys configured (RESMEMNET_API_KEYS, "
+    "RESMEMNET_API_KEYS_FILE)")))
 
 IMAGE_FIELD_DOC = "the image: JPEG, PNG, WebP, GIF, BMP, TIFF or any other format Pillow reads"
 PROFILE_QUERY_DOC = ("score profile: `default` (the checkpoint's own score), `general` (the teacher-distilled output, "
@@ -58,13 +65,13 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
         for name in sorted({k for k, _ in request.query_params.multi_items()}):
             if name not in query:
                 allowed = f"it takes {', '.join(query)}" if query else "it takes none"
-                name = name if len(name) <= 40 else f"{name[:40]}..."  # echo no huge values
+                name = _short(name)  # echo no huge values
                 raise ServiceError("unexpected_field", f"query parameter {name!r} is not known to "
                                    f"{request.url.path} ({allowed}); it is refused rather than ignored")
             given = request.query_params.getlist(name)
             if len(given) > 1:
                 raise ServiceError("invalid_request", f"query parameter {name!r} is given {len(given)} times "
-                                   f"({', '.join(map(repr, given))}); give it once")
+                                   f"({', '.join(repr(_short(g)) for g in given)}); give it once")
         content_type = request.headers.get("content-type", "").lower()
         if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return  # FastAPI reports the missing field
@@ -78,17 +85,23 @@ def form_fields(field: str, *, many: bool, query: tuple[str, ...] = ()):
             return  # FastAPI answers 422 invalid_request, naming the fields that did come
         others = sorted(set(names) - {field})
         if others:
-            raise ServiceError("unexpected_field", f"multipart field(s) {', '.join(map(repr, others))} are not taken by "
+            raise ServiceError("unexpected_field", f"multipart field(s) {', '.join(repr(_short(n)) for n in others)} "
+                               f"are not taken by "
                                f"{request.url.path}; it takes only {field!r}"
                                + ("" if many else " (one image; several images go to /score/batch in field 'files')"))
         count = names.count(field)
         if not many and count > 1:
-            files = [getattr(v, "filename", None) or "(no name)" for v in form.getlist(field)]
+            files = [_short(getattr(v, "filename", None) or "(no name)") for v in form.getlist(field)]
             raise ServiceError("multiple_files", f"{count} files were sent in field {field!r} ({', '.join(files)}), "
                                f"but {request.url.path} scores one image per request; send several images to "
                                f"/score/batch in repeated field 'files', or one request per image")
 
     return Depends(check)
+
+
+def _short(name: str, limit: int = 40) -> str:
+    """A name a client chose, cut for an error message (part headers may be 4 KiB each)."""
+    return name if len(name) <= limit else f"{name[:limit]}..."
 
 
 # -- shared steps ----------------------------------------------------------------------------
@@ -179,7 +192,8 @@ def _timing(prepared: Decoded, result, total_s: float) -> Timing:
 
 # -- scoring ---------------------------------------------------------------------------------
 @router.post("/score", response_model=ScoreResponse, tags=["scoring"], summary="Score one image",
-             responses=error_responses(400, 413, 415, 422, 503, 504))
+             responses=error_responses(400, 401, 413, 415, 422, 503, 504),
+             dependencies=[API_KEY])
 async def score(request: Request, file: UploadFile = File(..., description=IMAGE_FIELD_DOC),
                 profile: str = profile_query(),
                 _form: None = form_fields("file", many=False, query=("profile",))) -> ScoreResponse:
@@ -206,7 +220,8 @@ async def score(request: Request, file: UploadFile = File(..., description=IMAGE
 
 
 @router.post("/score/batch", response_model=BatchResponse, tags=["scoring"], summary="Score several images",
-             responses=error_responses(400, 413, 422, 503, 504))
+             responses=error_responses(400, 401, 413, 422, 503, 504),
+             dependencies=[API_KEY])
 async def score_batch(request: Request,
                       files: list[UploadFile] = File(..., description="repeat the field once per image"),
                       profile: str = profile_query(),
@@ -271,7 +286,8 @@ HEATMAP_HEADERS = {
 @router.post("/heatmap", tags=["scoring"], summary="Grad-RAM heatmap of one image", response_class=Response,
              responses={200: {"content": {"image/png": {}}, "headers": HEATMAP_HEADERS,
                               "description": "a PNG the size of the image; the score is in X-Memorability-Score"},
-                        **error_responses(400, 413, 415, 422, 503, 504)})
+                        **error_responses(400, 401, 413, 415, 422, 503, 504)},
+             dependencies=[API_KEY])
 async def heatmap(
     request: Request,
     file: UploadFile = File(..., description=IMAGE_FIELD_DOC),

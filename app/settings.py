@@ -10,7 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
 from model.engines import BACKENDS, DEFAULT_BACKEND
-from model.environment import ENV_PREFIX, env_name, env_value  # noqa: F401  (ENV_PREFIX: for callers)
+from model.environment import ENV_PREFIX, PRECISIONS, env_name, env_value  # noqa: F401  (ENV_PREFIX: for callers)
 from model.errors import InputError
 
 MiB = 1024 * 1024
@@ -43,6 +43,9 @@ class ServiceSettings:
                          metadata=_doc("checkpoint .json to serve (default: the shipped checkpoint)"))
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when present, else CPU), `cpu` or `cuda`"))
     mixed_precision: bool = field(default=True, metadata=_doc("trunk in fp16 on CUDA, in bf16 on CPUs with native bf16 (AVX512-BF16/AMX); false: fp32"))
+    precision: str = field(default="auto", metadata=_doc(
+        "the trunk's precision: `auto` (as `mixed_precision` says), `fp32`, `bf16` or `fp16` (forced, also where the "
+        "CPU only emulates it: slower, for tests). The command line reads the same variable"))
     backend: str = field(default=DEFAULT_BACKEND, metadata=_doc(
         "inference engine: `torch`, `onnxruntime` (the model's ONNX export on the CPU, fp32, scores within 1e-3 of "
         "torch fp32; needs the `engines` extra) or `auto` (onnxruntime on a CPU where installed). Heatmaps use torch"))
@@ -67,10 +70,41 @@ class ServiceSettings:
     max_upload_bytes: int = field(default=20 * MiB, metadata=_doc("largest image file accepted (413 beyond)"))
     max_pixels: int = field(default_factory=_default_max_pixels,
                             metadata=_doc("largest width x height decoded (413 beyond; decompression-bomb guard)"))
-    max_files_per_request: int = field(default=32, metadata=_doc("most files one POST /score/batch may carry"))
+    max_files_per_request: int = field(default=32, metadata=_doc(
+        "most files one POST /score/batch may carry; the parser stops at the next one (413 `too_many_files`)"))
+    max_form_fields: int = field(default=16, metadata=_doc(
+        "most text (non-file) multipart fields one request may carry (no endpoint takes any: they are parsed only "
+        "to name them in the 422); the parser stops at the next one, 413 `too_many_fields`"))
+    max_field_bytes: int = field(default=64 * 1024, metadata=_doc(
+        "largest text (non-file) multipart field; beyond, 422 `invalid_request` (e.g. an image sent without a file "
+        "name)"))
     body_timeout_s: float = field(default=30.0, metadata=_doc(
         "longest wait for the next piece of a request body still being uploaded; past it the answer is 408 "
         "`request_timeout` and the connection is closed (a stalled upload is not held open)"))
+    # -- connections (`resmemnet serve`: uvicorn's protocol, app/http_protocol.py) -----------------
+    header_timeout_s: float = field(default=10.0, metadata=_doc(
+        "longest time from a connection's opening (or the first byte of its next request) to the end of the "
+        "request head; past it 408 `request_timeout` and the connection is closed (slowloris guard: uvicorn has "
+        "no such deadline of its own)"))
+    max_header_bytes: int = field(default=16 * 1024, metadata=_doc(
+        "largest request head (request line and headers), bytes; beyond, 431 `headers_too_large`"))
+    keep_alive_s: float = field(default=30.0, metadata=_doc("an idle kept-alive connection is closed after this long"))
+    max_connections_per_client: int = field(default=0, metadata=_doc(
+        "most connections open at once from one client address (0: no limit); beyond, 429 `too_many_connections` "
+        "and the connection is closed. Behind a load balancer every connection comes from its address: leave 0 "
+        "or set it above the balancer's connection pool"))
+    # -- API keys (docs/api.md, "API keys") -----------------------------------------------------
+    api_keys: str = field(default="", repr=False, metadata=_doc(
+        "API keys, comma-separated, each `KEY` or `NAME:KEY` (a key: 16+ characters of letters, digits and `-._~+/`, "
+        "e.g. `openssl rand -hex 32`). Set: /score, /score/batch and /heatmap need `Authorization: Bearer KEY`"))
+    api_keys_file: str = field(default="", metadata=_doc(
+        "a file of API keys, one `KEY` or `NAME:KEY` a line (`#` comments); re-read on SIGHUP and when it changes "
+        "(checked at most once a second), without a restart. Set: keys are needed as above"))
+    auth: str = field(default="auto", metadata=_doc(
+        "`auto`: keys are needed when any are configured; with none, `resmemnet serve` refuses to bind an address "
+        "other than loopback. `off`: no key is ever asked for (e.g. behind a proxy that authenticates). `on`: keys "
+        "always (refuse to start without one)"))
+    metrics_auth: bool = field(default=False, metadata=_doc("true: GET /metrics needs an API key too"))
     # -- heatmaps ------------------------------------------------------------------------------
     heatmap_concurrency: int = field(default=1, metadata=_doc("heatmaps computed at once; more get 503 + Retry-After"))
 
@@ -78,19 +112,26 @@ class ServiceSettings:
         problems = []
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.auth not in ("auto", "on", "off"):
+            problems.append(f"auth must be auto, on or off, not {self.auth!r}")
         if self.backend not in ("auto", *BACKENDS):
             problems.append(f"backend must be auto, torch or onnxruntime, not {self.backend!r}")
         for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",
-                     "max_files_per_request", "heatmap_concurrency", "retry_after_s"):
+                     "max_files_per_request", "heatmap_concurrency", "retry_after_s", "max_header_bytes",
+                     "max_field_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("max_wait_ms", "torch_threads", "graceful_shutdown_s"):
+        for name in ("max_wait_ms", "torch_threads", "graceful_shutdown_s", "max_form_fields",
+                     "max_connections_per_client"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if self.request_timeout_s <= 0:
             problems.append("request_timeout_s must be positive")
-        if self.body_timeout_s <= 0:
-            problems.append("body_timeout_s must be positive")
+        for name in ("body_timeout_s", "header_timeout_s", "keep_alive_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
         if not 0 < self.port < 65536:
             problems.append(f"port must be 1..65535, not {self.port}")
         if problems:

@@ -9,9 +9,8 @@ catches the cancellation, sends the service's standard error body (503, `shuttin
 from __future__ import annotations
 
 import asyncio
-import json
 
-from .errors import error_body, mark_error
+from .errors import send_error
 
 
 class ShutdownGuardMiddleware:
@@ -34,14 +33,10 @@ class ShutdownGuardMiddleware:
         except asyncio.CancelledError:
             if not started["response"]:
                 started["response"] = True
-                mark_error(scope, "shutting_down")
-                body = json.dumps(error_body(503, "shutting_down", "the server shut down before this request was "
-                                             "answered; retry on another instance")).encode()
                 try:
-                    await send({"type": "http.response.start", "status": 503, "headers": [
-                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"retry-after", str(self.retry_after_s).encode()), (b"connection", b"close")]})
-                    await send({"type": "http.response.body", "body": body})
+                    await send_error(send, scope, 503, "shutting_down", "the server shut down before this request "
+                                     "was answered; retry on another instance",
+                                     headers=[(b"retry-after", str(self.retry_after_s).encode())], close=True)
                 except Exception:  # the client is gone: nothing left to tell it
                     pass
                 # The answer is complete; returning (not re-raising) keeps uvicorn from logging a

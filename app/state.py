@@ -97,7 +97,7 @@ class ServiceState:
 
         configure_torch_threads(self.settings.torch_threads)
         return Scorer.from_checkpoint(self.settings.weights, device=self.settings.device,
-                                      mixed_precision=self.settings.mixed_precision,
+                                      mixed_precision=self.settings.mixed_precision, precision=self.settings.precision,
                                       max_batch=self.settings.max_batch_size, backend=self.settings.backend)
 
     async def _warm_up(self) -> None:
@@ -120,6 +120,7 @@ class ServiceState:
             **self.model_info,
             "backbone": scorer.config.backbone,
             "mixed_precision": str(scorer.mixed_precision).lower(),
+            "precision": scorer.precision,
             "input_size": str(scorer.input_size),
         })
         self.metrics.config_info.info({

@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
     p.add_argument("--out", type=Path, help="JSON summary")
     p.add_argument("--hostile-only", action="store_true", help="only the hostile kinds at full size")
+    p.add_argument("--multipart-count", type=int, default=500,
+                   help="multipart bodies of random structure (many parts, many fields, long headers) through the app")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
@@ -127,10 +129,12 @@ def main(argv=None) -> int:
                 if problem:
                     findings.append(_record(args.findings, i, data, f"app {path}", problem))
             done += 1
+        multipart_outcomes = fuzz_multipart(client, rng, args.multipart_count, findings, args.findings, args.slow_s)
     wall = time.perf_counter() - started
     return _finish(args, argv, {
         "hostile": hostile, "inputs": done, "app_requests": sum(app_outcomes.values()), "seconds": round(wall, 1),
         "decode_outcomes": dict(outcomes.most_common()), "app_outcomes": dict(sorted(app_outcomes.items())),
+        "multipart_outcomes": dict(sorted(multipart_outcomes.items())),
         "findings": findings, "slowest_s": [{"seconds": round(s, 3), "input": i, "bytes": n} for s, i, n in slowest],
     })
 
@@ -197,6 +201,33 @@ def _hostile_pass(scorer, kinds: dict, findings: list, args) -> list[dict]:
                 findings.append({"input": name, "where": "hostile", "what": f"slow: {row}"})
             del data
     return rows
+
+
+def fuzz_multipart(client, rng: random.Random, count: int, findings: list, folder: Path, slow_s: float) -> Counter:
+    """`count` random_multipart bodies through the app: each must get a JSON answer (no 5xx) in
+    under `slow_s` seconds; findings are appended as for the decode fuzzing."""
+    from test_fuzz import REASONS, SEEDS
+    from test_request_limits import random_multipart
+
+    outcomes = Counter()
+    image = SEEDS[0]
+    for i in range(count):
+        path, body, boundary = random_multipart(rng, image)
+        t0 = time.perf_counter()
+        r = client.post(path, content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        elapsed = time.perf_counter() - t0
+        reason = r.json().get("error", {}).get("reason", "?") if r.status_code != 200 and _is_json(r) else ""
+        outcomes[f"{path} {r.status_code} {reason}".strip()] += 1
+        problem = _judge(path, r, REASONS)
+        if elapsed > slow_s:
+            problem = f"took {elapsed:.1f} s"
+        if problem:
+            findings.append(_record(folder, 1_000_000 + i, body[:65536], f"multipart {path}", problem))
+    return outcomes
+
+
+def _is_json(r) -> bool:
+    return r.headers.get("content-type", "").startswith("application/json")
 
 
 def _judge(path: str, r, reasons) -> str | None:

@@ -210,6 +210,11 @@ def main(argv=None) -> int:
                    help="extra RESMEMNET_* settings, e.g. queue_size=64")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="other environment for the server process, e.g. MALLOC_ARENA_MAX=2")
+    p.add_argument("--attacks", action="store_true",
+                   help="instead of capacity and overload: the kinds of bench/attacks.py beside a victim load")
+    p.add_argument("--attack-s", type=float, default=20, help="seconds per attack kind (and for the baseline)")
+    p.add_argument("--attack-kinds", nargs="+", default=None, metavar="KIND", help="a subset of bench/attacks.py KINDS")
+    p.add_argument("--slowloris-connections", type=int, default=300)
     args = p.parse_args(argv)
 
     weights = args.weights
@@ -233,6 +238,8 @@ def main(argv=None) -> int:
     log = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
     os.environ.update(dict(kv.split("=", 1) for kv in args.env))  # inherited by the server only
     with spawned_server(weights, "cpu", log_path=log, **settings) as (url, proc):
+        if args.attacks:
+            return attack_report(args, url, proc, payloads, log, argv)
         capacity = asyncio.run(closed_loop(url, payloads, clients=args.clients, seconds=args.capacity_s))
         rate = max(0.5, args.overload * capacity)
         result = asyncio.run(overload(url, payloads, bad_uploads(payloads[0][1]), rate=rate,
@@ -246,6 +253,27 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     bad = result["problem_count"] or result["rss_growth_pct"] >= 5
+    return 1 if bad else 0
+
+
+def attack_report(args, url: str, proc, payloads, log: Path, argv) -> int:
+    """bench/attacks.py against the running server; 1 if any answer was a 5xx or not JSON, or a
+    victim request failed."""
+    import attacks
+
+    report = asyncio.run(attacks.run(url, proc.pid, payloads, rss_mib=rss_mib, seconds=args.attack_s,
+                                     batch_limit=int(dict(kv.split("=", 1) for kv in args.server_env).get(
+                                         "max_files_per_request", 32)),
+                                     kinds=tuple(args.attack_kinds or attacks.KINDS),
+                                     slowloris_connections=args.slowloris_connections))
+    report["server_log_tail"] = log.read_text()[-1500:]
+    report["command"] = "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    bad = [k for k, v in report["kinds"].items() if v["victims"]["errors"] or any(
+        o.startswith("5") or o.endswith(" other") for o in v["attacker"]["outcomes"])]
     return 1 if bad else 0
 
 

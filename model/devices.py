@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .environment import PRECISIONS
 from .errors import InputError
 
 
@@ -33,13 +34,37 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
-    """The trunk's reduced precision on this device, or None for fp32: fp16 on CUDA, bf16 on a
-    CPU with native bf16 (1.7x faster than fp32 on an AVX512-BF16 machine, shipped scores within ~2e-3)."""
-    if not mixed_precision:
+def check_precision(precision: str) -> str:
+    """`precision` lower-cased, or InputError (a ValueError) naming the choices."""
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def autocast_dtype(device: torch.device, mixed_precision: bool = True, precision: str = "auto") -> torch.dtype | None:
+    """The trunk's reduced precision on this device, or None for fp32.
+
+    precision "auto": fp16 on CUDA, bf16 on a CPU with native bf16 (1.7x faster than fp32 on an
+    AVX512-BF16 machine; the shipped checkpoint's scores move by at most 5.3e-3, docs/robustness.md),
+    fp32 elsewhere (oneDNN emulates bf16 there and it is slower than fp32). "bf16" / "fp16":
+    that dtype on any device, also where it is emulated (slower, but it runs the same code, so a
+    test or CI machine without native bf16 covers the mixed-precision path). "fp32", or
+    mixed_precision=False: None. InputError for another name."""
+    precision = check_precision(precision)
+    if not mixed_precision or precision == "fp32":
         return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """torch.bfloat16 -> "bf16", torch.float16 -> "fp16", None -> "fp32"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

@@ -54,7 +54,8 @@ def check_backend(name: str | None) -> str:
 def pick_backend(choice: str, device_type: str, *, native_bf16: bool = False) -> str:
     """Resolve "auto" for a device ("cpu" or "cuda"); other choices are returned as they are.
 
-    native_bf16: torch will run the trunk in bf16 on this CPU's own bf16 units. There torch is
+    native_bf16: torch will run the trunk in reduced precision (bf16 on this CPU's own bf16 units,
+    or a precision asked for). There torch is
     the faster engine (steady 5.60 vs 3.41 images/s on the 2-core AVX512-BF16 machine);
     elsewhere on a CPU ONNX Runtime's fp32 beats torch's fp32 at the same scores (steady 3.41
     vs 3.08, whole process 2.17 vs 1.52 images/s; docs/benchmarks.md).

@@ -42,6 +42,17 @@ def backend_setting(name: str | None, *, default: str, environ: Mapping[str, str
     return (name or env_value("backend", environ) or default).strip().lower()
 
 
+# What a trunk precision setting may name (model.devices.autocast_dtype says what each runs).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision_setting(name: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The trunk precision asked for: `name` (an argument or flag), else $RESMEMNET_PRECISION,
+    else "auto", lower-cased. Checked by model.devices.check_precision; the one place the
+    variable is read (the Scorer, the service and the command line all come here)."""
+    return (name or env_value("precision", environ) or "auto").strip().lower()
+
+
 def installed_version(package: str = "resmemnet") -> str | None:
     """An installed distribution's version from its metadata (nothing is imported), or None."""
     from importlib.metadata import PackageNotFoundError, version

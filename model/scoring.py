@@ -70,8 +70,8 @@ class Scorer:
     """
 
     def __init__(self, model: ResMemNet | None, preprocessing: Preprocessing, *, device="auto",
-                 meta: CheckpointMeta | None = None, mixed_precision: bool = True, max_batch: int = 32,
-                 runner=None, weights: str | os.PathLike | None = None):
+                 meta: CheckpointMeta | None = None, mixed_precision: bool = True, precision: str | None = None,
+                 max_batch: int = 32, runner=None, weights: str | os.PathLike | None = None):
         if runner is not None and device == "auto":
             device = "cpu"
         self.device = resolve_device(device)
@@ -86,10 +86,12 @@ class Scorer:
         self.preprocessing = preprocessing
         self.meta = meta
         self.max_batch = max(1, int(max_batch))
-        # Reduced precision for the trunk only (fp16 on CUDA, bf16 on CPUs that have it); the
-        # head always runs in fp32.
-        self.autocast_dtype = devices.autocast_dtype(self.device, mixed_precision)
+        # Reduced precision for the trunk only (model.devices.autocast_dtype: by default fp16 on
+        # CUDA, bf16 on CPUs that have it); the head always runs in fp32. mixed_precision=False
+        # is fp32 whatever `precision` says; precision None: $RESMEMNET_PRECISION, else "auto".
+        self.autocast_dtype = _autocast_for(self.device, mixed_precision, precision)
         self.mixed_precision = self.autocast_dtype is not None
+        self.precision = devices.precision_name(self.autocast_dtype)  # what runs: "fp32", "bf16" or "fp16"
         if self.device.type == "cuda" and not self.mixed_precision:
             # fp32 on request means fp32: cuDNN's default TF32 convolutions moved scores by 1.2e-3
             # from the CPU's. This is process-wide, as is any torch.backends setting.
@@ -127,9 +129,10 @@ class Scorer:
 
         path = default_weights() if path is None else path
         choice = check_backend(backend)
-        native_bf16 = kwargs.get("mixed_precision", True) and devices.cpu_has_native_bf16()
-        device_type = resolve_device(kwargs.get("device", "auto")).type
-        if pick_backend(choice, device_type, native_bf16=native_bf16) == "onnxruntime":
+        device = resolve_device(kwargs.get("device", "auto"))
+        # torch where it would run the trunk in reduced precision: ONNX Runtime runs the export in fp32
+        reduced = _autocast_for(device, kwargs.get("mixed_precision", True), kwargs.get("precision")) is not None
+        if pick_backend(choice, device.type, native_bf16=reduced) == "onnxruntime":
             try:
                 runner = onnxruntime_runner(path, OrtOptions(threads=torch.get_num_threads()))
             except BackendError:
@@ -303,6 +306,12 @@ class Scorer:
                                           percentile=self.percentile(score, profile), warnings=warns)
                     if progress is not None:
                         progress(1)
+
+
+def _autocast_for(device: torch.device, mixed_precision: bool, precision: str | None) -> torch.dtype | None:
+    from .environment import precision_setting
+
+    return devices.autocast_dtype(device, mixed_precision, precision_setting(precision))
 
 
 def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:

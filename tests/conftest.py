@@ -90,8 +90,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
-    """The tiny checkpoint's Scorer on the CPU, as the service builds it: the trunk runs in bf16
-    on a CPU with native bf16, so compare its scores with fp32 ones at about 1e-2, not 1e-5."""
+    """The tiny checkpoint's Scorer on the CPU, as the service builds it, in the precision
+    RESMEMNET_PRECISION names, else "auto": the trunk runs in bf16 on a CPU with native bf16. Compare
+    its scores with its own (same precision) at 1e-5, with fp32 ones at about 1e-2; a test that
+    needs fp32 builds its Scorer with precision="fp32" (tests/test_precision.py)."""
     from model.scoring import Scorer
 
     return Scorer.from_checkpoint(tiny_checkpoint, device="cpu")
@@ -226,14 +228,20 @@ def serve_subprocess(weights, tmp_path, **env_settings):
 
 
 @contextmanager
-def serve_in_thread(app):
-    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL once ready."""
+def serve_in_thread(app, *, guarded: bool = False):
+    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL once ready.
+    guarded: with the connection guards and limits `resmemnet serve` runs it with
+    (app.http_protocol.uvicorn_config, from the app's settings)."""
     import uvicorn
+
+    from app.http_protocol import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = (uvicorn_config(app, app.state.settings, log_level="warning") if guarded
+              else uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -253,3 +261,29 @@ def metric_samples(base: str, name: str) -> list:
 
     text = httpx.get(base + "/metrics", timeout=10).text
     return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def raw_request(sock: socket.socket, head: str, body: bytes = b"") -> tuple[str, bytes]:
+    """Send one HTTP/1.1 request (head without its closing blank line, then body) on a socket
+    and read one response: (status line and headers, body; "" and b"" if the server closed)."""
+    sock.sendall(head.encode() + b"\r\n\r\n" + body)
+    return read_response(sock)
+
+
+def read_response(sock: socket.socket) -> tuple[str, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode("latin-1"), b""
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    text = head.decode("latin-1")
+    length = int(next((line.split(":", 1)[1] for line in text.split("\r\n")
+                       if line.lower().startswith("content-length:")), "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return text, rest

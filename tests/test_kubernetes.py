@@ -197,3 +197,23 @@ def test_adapter_rule_exposes_the_metric_the_hpa_reads_and_the_service_exports()
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
     cpu_hpa = docs(K8S / "cpu" / "hpa.yaml")[0]
     assert cpu_hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pods_get_their_api_keys_from_a_mounted_secret(variant):
+    """The pod binds 0.0.0.0, so without a key `resmemnet serve` refuses to start: the key file
+    comes from a Secret (docs/deploy.md), read-only, and no key is written in the manifests."""
+    from pathlib import PurePosixPath
+
+    dep = build(variant)["Deployment"]
+    key_file = PurePosixPath(_env(dep)["RESMEMNET_API_KEYS_FILE"])
+    mounts = {m["name"]: m for m in _container(dep)["volumeMounts"]}
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    (name,) = [n for n, m in mounts.items() if key_file.parent == PurePosixPath(m["mountPath"])]
+    assert mounts[name]["readOnly"] is True
+    secret = volumes[name]["secret"]
+    assert secret["secretName"] == "resmemnet-api-keys" and not secret.get("optional", False)
+    assert secret["defaultMode"] == 0o440
+    assert "RESMEMNET_API_KEYS" not in _env(dep), "keys are never written into a manifest"
+    text = (K8S / variant / "deployment.yaml").read_text()
+    assert f"kubectl create secret generic resmemnet-api-keys --from-file={key_file.name}=" in text

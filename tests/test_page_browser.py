@@ -355,3 +355,71 @@ def test_api_clients_still_get_json_at_the_root(server):
     r = httpx.get(server + "/", timeout=30)  # httpx, like curl, accepts */*
     assert r.status_code == 200 and r.json()["service"] == "resmemnet"
     assert json.loads(httpx.get(server + "/", headers={"Accept": "application/json"}, timeout=30).text)["docs"] == "/docs"
+
+
+# -- API keys ----------------------------------------------------------------------------------
+PAGE_KEY = "page-test-" + "k3y" * 8  # 34 characters of the key alphabet
+
+
+@pytest.fixture(scope="module")
+def keyed_server(ranked_checkpoint, tmp_path_factory):
+    """A second server, with an API key configured: its scoring endpoints answer 401 without it."""
+    with serve_subprocess(ranked_checkpoint, tmp_path_factory.mktemp("keyed"), torch_threads=1,
+                          api_keys=f"page:{PAGE_KEY}") as (base, _):
+        yield base
+
+
+def key_form(driver) -> dict:
+    return driver.execute_script("""
+        const f = document.querySelector('#key-form');
+        return {shown: !f.hidden, message: document.querySelector('#key-message').textContent,
+                focused: document.activeElement && document.activeElement.id};""")
+
+
+def test_the_page_asks_for_a_key_keeps_it_for_the_tab_and_sends_it(browser, keyed_server, uploads):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    good, _ = uploads
+    open_page(browser, keyed_server)  # /readyz needs no key
+    assert not key_form(browser)["shown"]
+    upload(browser, [good[0]])
+    form = wait_for(lambda: (lambda f: f["shown"] and f)(key_form(browser)), what="the page to ask for a key")
+    assert "This service needs an API key" in form["message"] and form["focused"] == "api-key"
+    assert "Waiting for an API key" in browser.execute_script("return document.querySelector('.progress').textContent")
+
+    # a wrong key is refused, the page says so and asks again; the photo waits, it is not failed
+    browser.find_element(By.ID, "api-key").send_keys("not-the-right-key-at-all" + Keys.ENTER)
+    wait_for(lambda: "was not accepted" in key_form(browser)["message"] and key_form(browser)["shown"],
+             what="the page to say the key was refused")
+    assert cards(browser)[good[0].name]["state"] not in ("error", "done")
+
+    browser.find_element(By.ID, "api-key").send_keys(PAGE_KEY + Keys.ENTER)
+    card = wait_for(settled(browser, 1), what="the photo to be scored with the key")[good[0].name]
+    with good[0].open("rb") as fh:
+        r = httpx.post(keyed_server + "/score", files={"file": (good[0].name, fh)},
+                       headers={"Authorization": f"Bearer {PAGE_KEY}"}, timeout=60)
+    assert r.status_code == 200
+    assert card["state"] == "done" and float(card["score"]) == pytest.approx(r.json()["score"], abs=1e-5)
+    assert card["heat"] == r.json()["width"], "the heatmap request carried the key too"
+    assert not key_form(browser)["shown"] and browser.find_element(By.ID, "api-key").get_attribute("value") == ""
+    # kept for this tab only: sessionStorage, nothing in localStorage or cookies
+    assert browser.execute_script("return sessionStorage.getItem('resmemnet.apiKey')") == PAGE_KEY
+    assert browser.execute_script("return localStorage.length") == 0
+    assert browser.execute_script("return document.cookie") == ""
+
+    # a reload of the tab keeps it: the next photo is scored without a question
+    open_page(browser, keyed_server)
+    upload(browser, [good[1]])
+    card = wait_for(settled(browser, 1), what="the next photo, with the kept key")[good[1].name]
+    assert card["state"] == "done" and not key_form(browser)["shown"]
+
+    # another tab is another session: it has no key
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    try:
+        open_page(browser, keyed_server)
+        assert browser.execute_script("return sessionStorage.getItem('resmemnet.apiKey')") is None
+    finally:
+        browser.close()
+        browser.switch_to.window(first)

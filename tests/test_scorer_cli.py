@@ -68,6 +68,7 @@ def test_precision_follows_the_cpu_and_fp32_is_a_choice(tmp_path, tiny_checkpoin
 
     from model import devices
 
+    monkeypatch.delenv("RESMEMNET_PRECISION", raising=False)  # "auto": what the CPU has decides
     assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu", mixed_precision=False).autocast_dtype is None
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only CPU: bf16 is emulated
     assert Scorer.from_checkpoint(tiny_checkpoint, device="cpu").autocast_dtype is None

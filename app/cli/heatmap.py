@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .kit import (EXIT_OK, EXIT_SOME_FAILED, add_profile_arg, add_weights_arg, checked_profile, fail, load_scorer,
-                  profile_note)
+from .kit import (EXIT_OK, EXIT_SOME_FAILED, add_precision_arg, add_profile_arg, add_weights_arg, checked_profile,
+                  fail, load_scorer, profile_note)
 
 
 def register(sub) -> None:
@@ -27,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--alpha", default=0.5, type=unit_float, help="heatmap weight in the blend, 0..1 (default 0.5)")
     p.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
     add_profile_arg(p)  # the map explains that profile's score
+    add_precision_arg(p)
     p.add_argument("--raw", action="store_true",
                    help="also write NAME.heatmap.png (8-bit grayscale map) and NAME.heatmap.npy (float32 map)")
     p.set_defaults(func=run_heatmap)

@@ -44,6 +44,15 @@ def add_profile_arg(parser) -> None:
                              "the domain gate); `resmemnet info` lists the checkpoint's. Default: default")
 
 
+def add_precision_arg(parser) -> None:
+    from model.environment import PRECISIONS  # no torch: `--help` stays fast
+
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="the trunk's precision (default: $RESMEMNET_PRECISION, else auto: fp16 on CUDA, bf16 on "
+                             "CPUs with native bf16, fp32 elsewhere). bf16/fp16 run also where the CPU emulates them "
+                             "(slower); fp32 gives the reference scores")
+
+
 def weights_path(args) -> str:
     """The --weights value, or the default checkpoint (RESMEMNET_WEIGHTS, else the shipped one)."""
     if args.weights:
@@ -71,6 +80,7 @@ def load_scorer(args, **kwargs):
     ResMemNetErrors: `resmemnet` reports them as one line, exit status 2."""
     from model.scoring import Scorer
 
+    kwargs.setdefault("precision", getattr(args, "precision", None))
     return Scorer.from_checkpoint(weights_path(args), device=args.device, **kwargs)
 
 

@@ -16,9 +16,9 @@ import csv
 import sys
 from pathlib import Path
 
-from .kit import (EXIT_OK, EXIT_SOME_FAILED, FIELDS, PartError, Progress, add_profile_arg, add_weights_arg,
-                  checked_profile, csv_record, fail, load_scorer, positive_int, profile_note, read_part, record,
-                  write_rows)
+from .kit import (EXIT_OK, EXIT_SOME_FAILED, FIELDS, PartError, Progress, add_precision_arg, add_profile_arg,
+                  add_weights_arg, checked_profile, csv_record, fail, load_scorer, positive_int, profile_note,
+                  read_part, record, write_rows)
 
 
 def register(sub) -> None:
@@ -38,8 +38,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
     p.add_argument("--fp32", action="store_true",
-                   help="full fp32 everywhere (default: the trunk in fp16 on CUDA and in bf16 on CPUs with "
-                        "native bf16; scores then differ from fp32 by about 2e-3)")
+                   help="full fp32 everywhere, the same as --precision fp32 (default: the trunk in fp16 on CUDA and "
+                        "in bf16 on CPUs with native bf16; docs/robustness.md gives how far those scores move)")
+    add_precision_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     add_profile_arg(p)
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default=None,
@@ -111,7 +112,7 @@ def run_score(args) -> int:
     backend = backend_setting(args.backend, default=CLI_DEFAULT_BACKEND)
     if backend == "auto" and args.profile != "default":
         backend = "torch"  # the ONNX export outputs the default score only: torch would score the rest anyway
-    scorer = load_scorer(args, mixed_precision=not args.fp32, backend=backend)
+    scorer = load_scorer(args, precision="fp32" if args.fp32 else args.precision, backend=backend)
     profile = checked_profile(scorer, args.profile)
     if args.shard or args.resume:  # one slice of the inputs and/or appending to --out
         return run_sharded_score(args, entries, scorer, profile)

@@ -36,7 +36,7 @@ def run_serve(args) -> int:
             log_level=args.log_level)
     except SettingsError as exc:
         return fail(str(exc), command="serve")
-    problem = check_port(settings.host, settings.port) or check_startup(settings)
+    problem = check_auth(settings) or check_port(settings.host, settings.port) or check_startup(settings)
     if problem:
         return fail(problem, command="serve")
 
@@ -44,18 +44,11 @@ def run_serve(args) -> int:
 
     import uvicorn
 
+    from app.http_protocol import uvicorn_config
     from app.service import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-        # 0 means no grace (requests still running are answered 503 shutting_down at once); never None,
-        # which uvicorn takes as "wait forever", e.g. for a client stalled mid-upload.
-        timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on",
-        # The service bounds its own queue; keep-alive connections of load balancers are welcome.
-        timeout_keep_alive=30,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     server.run()
     # uvicorn returns normally after SIGTERM; a failed start (port in use) leaves `started` False.
     return EXIT_OK if server.started else EXIT_SOME_FAILED
@@ -83,6 +76,18 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
     except (OSError, AttributeError):
         return False
+
+
+def check_auth(settings) -> str | None:
+    """Refuse, before anything binds, an address off loopback with no API key, and key settings
+    that cannot be used (app.auth.auth_problem: the one rule; docs/api.md, "API keys")."""
+    from app.auth import auth_problem, keys_from_settings
+    from app.settings import SettingsError
+
+    try:
+        return auth_problem(settings, keys_from_settings(settings))
+    except SettingsError as exc:
+        return str(exc)
 
 
 def check_startup(settings) -> str | None:

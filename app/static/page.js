@@ -1,7 +1,8 @@
 // ResMem-Net page: scores photos through the service's own API (POST /score, POST /heatmap).
 // URLs are relative, so the page also works behind a proxy that serves it under a path prefix.
 // No libraries and no external requests. Every text that came from a user or the server is set
-// with textContent, never as HTML.
+// with textContent, never as HTML. Where the service needs an API key (a 401), the page asks for
+// one, keeps it in sessionStorage (this tab only) and sends it as `Authorization: Bearer KEY`.
 "use strict";
 
 (() => {
@@ -9,6 +10,7 @@
   const HEATMAPS_AT_ONCE = 1; // the server computes few heatmaps at a time (503 heatmap_busy beyond)
   const MAX_RETRIES = 5;      // automatic retries of a 503 answer before giving up
   const HEATMAP_URL = "heatmap?format=map&colormap=inferno";
+  const KEY_STORE = "resmemnet.apiKey"; // sessionStorage: gone when the tab closes
 
   const WARNING_TEXT = {
     flat: "Flat or nearly flat image: the model cannot judge it, so the score means little.",
@@ -34,6 +36,7 @@
     not_ready: "The model is not ready yet.",
     shutting_down: "The service is shutting down.",
     network: "The service could not be reached. Is it still running?",
+    unauthorized: "The service needs a valid API key.",
     internal: "The service hit an unexpected error (it was logged on the server).",
   };
 
@@ -83,6 +86,45 @@
     return ready ? Promise.resolve() : new Promise((resolve) => readyWaiters.push(resolve));
   }
 
+  // -- the API key -------------------------------------------------------------------------
+  let apiKey = "";
+  try { apiKey = sessionStorage.getItem(KEY_STORE) || ""; } catch (e) { /* storage blocked: ask each time */ }
+  const keyWaiters = [];
+
+  function authHeaders() {
+    return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+  }
+
+  /** Show the key form (once, however many requests were refused) and wait for a key. */
+  function askForKey(sentKey, message) {
+    if (sentKey && sentKey === apiKey) {
+      apiKey = "";
+      try { sessionStorage.removeItem(KEY_STORE); } catch (e) { /* nothing stored */ }
+    }
+    if (apiKey) return Promise.resolve(); // a new key came while this request was out: use it
+    const form = $("#key-form");
+    $("#key-message").textContent = sentKey
+      ? `That API key was not accepted (${message}). Enter another one.`
+      : "This service needs an API key. Enter yours to score photos.";
+    if (form.hidden) {
+      form.hidden = false;
+      $("#api-key").focus();
+    }
+    return new Promise((resolve) => keyWaiters.push(resolve));
+  }
+
+  function useKey(event) {
+    event.preventDefault();
+    const input = $("#api-key");
+    const key = input.value.trim();
+    if (!key) return;
+    apiKey = key;
+    try { sessionStorage.setItem(KEY_STORE, key); } catch (e) { /* kept in memory only */ }
+    input.value = "";
+    $("#key-form").hidden = true;
+    keyWaiters.splice(0).forEach((resolve) => resolve());
+  }
+
   // -- requests ----------------------------------------------------------------------------
   class ApiError extends Error {
     constructor(status, reason, message) {
@@ -110,14 +152,15 @@
   const heatmapSlot = limiter(HEATMAPS_AT_ONCE);
 
   /** POST one file as multipart field `file`; 503 answers are retried after Retry-After. */
-  async function postFile(url, file, onBusy) {
+  async function postFile(url, file, onBusy, onKey) {
     for (let attempt = 1; ; attempt += 1) {
       await whenReady();
       const form = new FormData();
       form.append("file", file, file.name);
+      const sentKey = apiKey;
       let r;
       try {
-        r = await fetch(url, { method: "POST", body: form });
+        r = await fetch(url, { method: "POST", body: form, headers: authHeaders() });
       } catch (e) {
         throw new ApiError(0, "network", "no answer from the service");
       }
@@ -126,6 +169,12 @@
       const err = (body && body.error) || {};
       const reason = err.reason || `http_${r.status}`;
       const message = err.message || r.statusText || `HTTP ${r.status}`;
+      if (r.status === 401) {
+        if (onKey) onKey();
+        await askForKey(sentKey, message);
+        attempt -= 1; // a refused key is no busy server: it does not use up a retry
+        continue;
+      }
       if (r.status === 503 && attempt <= MAX_RETRIES) {
         const wait = Math.min(30, Math.max(1, parseFloat(r.headers.get("Retry-After")) || 1));
         onBusy(reason, message, wait, attempt);
@@ -215,11 +264,13 @@
     setProgress(item, item.status, `${why} Trying again in ${wait} s (attempt ${attempt} of ${MAX_RETRIES})…`);
   };
 
+  const onKeyFor = (item) => () => setProgress(item, item.status, "Waiting for an API key…");
+
   async function processItem(item) {
     $(".error", item.card).hidden = true;
     setProgress(item, "scoring", "Scoring…");
     try {
-      const r = await scoreSlot(() => postFile("score", item.file, onBusyFor(item)));
+      const r = await scoreSlot(() => postFile("score", item.file, onBusyFor(item), onKeyFor(item)));
       const body = await r.json();
       item.score = body.score;
       item.percentile = typeof body.percentile === "number" ? body.percentile : null;
@@ -238,7 +289,7 @@
     $(".error", item.card).hidden = true;
     setProgress(item, "heatmap", "Computing the heatmap…");
     try {
-      const r = await heatmapSlot(() => postFile(HEATMAP_URL, item.file, onBusyFor(item)));
+      const r = await heatmapSlot(() => postFile(HEATMAP_URL, item.file, onBusyFor(item), onKeyFor(item)));
       const url = URL.createObjectURL(await r.blob());
       item.urls.push(url);
       const heat = $(".heat", item.card);
@@ -397,6 +448,7 @@
     });
     $("#download").addEventListener("click", download);
     $("#clear").addEventListener("click", clearAll);
+    $("#key-form").addEventListener("submit", useKey);
     window.resmemnet = { toCsv }; // for scripts and tests: the CSV the button downloads
     pollReady();
   }
