@@ -46,6 +46,8 @@ REQUIRED = os.environ.get(REQUIRE_ENV) == "1"
 WEIGHTS = REPO / "weights" / "resmemnet-default.json"
 FP32 = settings_env(mixed_precision=False)
 SCORE_TOL = 1e-5
+API_KEY = uuid.uuid4().hex  # a fresh key per run (32 hex characters)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 REPORT: dict = {}
 
 
@@ -160,6 +162,15 @@ def test_image_runs_as_user_10001_and_keeps_no_pip_config(engine, images):
     assert (found, leftovers, mentions) == ("", "", ""), out
 
 
+def test_image_refuses_to_listen_off_loopback_without_an_api_key(engine, images):
+    """The image's own command on 0.0.0.0 with no key: one line naming the fix, exit 2, before the model loads."""
+    r = engine.run("run", "--rm", "--network", "none", images["image"], check=False, timeout=120)
+    lines = [line for line in (r.stdout or "").splitlines() if line.strip()]
+    assert r.returncode == 2, (r.returncode, lines)
+    assert len(lines) == 1 and lines[0].startswith("resmemnet serve: error: "), lines
+    assert "RESMEMNET_API_KEYS" in lines[0] and "RESMEMNET_AUTH=off" in lines[0], lines
+
+
 def test_container_scores_and_heatmaps_like_the_host_scorer(engine, images, host_scorer):
     port, name = free_port(), f"resmemnet-test-{uuid.uuid4().hex[:8]}"
     base = f"http://127.0.0.1:{port}"
@@ -231,12 +242,15 @@ def prometheus_query(prom: str, query: str) -> list:
 
 def test_compose_cpu_profile_is_scraped_by_prometheus(cpu_project):
     project, base, prom = cpu_project
-    for i in range(6):
-        assert post(base, "/score", f"p{i}.jpg", photo(10 + i)).status_code == 200
     quantile = ('histogram_quantile(0.9, sum by (le) '
                 '(rate(resmemnet_http_request_duration_seconds_bucket{endpoint="/score"}[1m])))')
-    deadline, targets, result = time.monotonic() + 90, [], []
-    while time.monotonic() < deadline:  # scrapes every 5 s; a rate needs two of them after the requests
+    deadline, targets, result, sent = time.monotonic() + 90, [], [], 0
+    # Prometheus scrapes every 5 s and a rate needs two scrapes with requests between them: keep
+    # sending while waiting, so the window always holds some (requests sent before the first
+    # scrape would leave the rate at 0 and the quantile NaN).
+    while time.monotonic() < deadline:
+        assert post(base, "/score", f"p{sent}.jpg", photo(10 + sent % 6)).status_code == 200
+        sent += 1
         try:
             targets = httpx.get(prom + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
             result = prometheus_query(prom, quantile)
@@ -292,7 +306,9 @@ def haproxy_servers_up(stats: str) -> set[str]:
 
 def test_replicas_profile_answers_every_request_while_a_replica_is_killed(engine, images, host_scorer):
     ports = {key: free_port() for key in ("A", "B", "LB", "STATS")}
-    project = ComposeProject(engine, {**image_env(images), **FP32, "TEST_REPLICA_A_PORT": str(ports["A"]),
+    # the replicas need a key (as in production); HAProxy's /readyz checks do not
+    project = ComposeProject(engine, {**image_env(images), **FP32, "RESMEMNET_API_KEYS": f"lb-test:{API_KEY}",
+                                      "TEST_REPLICA_A_PORT": str(ports["A"]),
                                       "TEST_REPLICA_B_PORT": str(ports["B"]), "TEST_LB_PORT": str(ports["LB"]),
                                       "TEST_LB_STATS_PORT": str(ports["STATS"])})
     lb, stats = f"http://127.0.0.1:{ports['LB']}", f"http://127.0.0.1:{ports['STATS']}"
@@ -315,7 +331,7 @@ def test_replicas_profile_answers_every_request_while_a_replica_is_killed(engine
             for i in range(total // 3):
                 name = names[(i + offset) % len(names)]
                 try:
-                    r = httpx.post(lb + "/score", files={"file": (name, photos[name])}, timeout=60)
+                    r = httpx.post(lb + "/score", files={"file": (name, photos[name])}, timeout=60, headers=AUTH)
                     answer = (name, r.status_code, r.json().get("score") if r.status_code == 200 else r.text)
                 except httpx.HTTPError as exc:
                     answer = (name, None, repr(exc))
@@ -338,6 +354,8 @@ def test_replicas_profile_answers_every_request_while_a_replica_is_killed(engine
             assert time.monotonic() < deadline, project.state("resmemnet-a")
             time.sleep(1)
         assert int(engine.inspect(project.container("resmemnet-a"), "{{.RestartCount}}")) == 1
+        keyless = httpx.post(lb + "/score", files={"file": ("r0.jpg", photos["r0.jpg"])}, timeout=60)
+        assert keyless.status_code == 401 and keyless.json()["error"]["reason"] == "unauthorized", keyless.text
     finally:
         project.down()
 
