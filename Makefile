@@ -60,7 +60,7 @@ score: setup
 bench: setup
 	@if [ ! -d "$(BENCH_IMAGES)" ]; then echo "make bench: no folder $(BENCH_IMAGES); give BENCH_IMAGES=a folder of photos"; exit 2; fi
 	$(PY) bench/bench_scorer.py --only shipped --n $(BENCH_N) --images $(BENCH_IMAGES)
-	$(PY) bench/bench_heatmap.py --weights weights/resmemnet-default.json --repeats 2 --layers layer4
+	$(PY) bench/bench_heatmap.py --weights weights/resmemnet-default.json --repeats 2 --layers layer4 layer3,layer4
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,7 +14,7 @@ from fastapi.security import HTTPBearer
 from .batcher import BatcherClosedError, QueueFullError
 from .body_limit import SCOPE_MULTIPART_COMPLETE
 from .errors import SCOPE_FORM_FIELDS, SCOPE_UNCOUNTED, ServiceError, count_file_error, error_body, from_decode_error
-from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, ModelInfo, ReadyResponse, ScoreResponse,
+from .schemas import (BatchItem, BatchResponse, ErrorDetail, HealthResponse, ModelInfo, ProfileInfo, ReadyResponse, ScoreResponse,
                       Timing, error_responses)
 
 if TYPE_CHECKING:
@@ -429,7 +429,8 @@ async def readyz(request: Request):
         return JSONResponse(exc.body(), exc.status, headers={"Retry-After": str(exc.retry_after or 1)})
     s = state.settings
     return ReadyResponse(status="ready", model=ModelInfo(**state.model_info), max_batch_size=s.max_batch_size,
-                         max_wait_ms=s.max_wait_ms, queue_size=s.queue_size)
+                         max_wait_ms=s.max_wait_ms, queue_size=s.queue_size,
+                         profiles=[ProfileInfo(**p) for p in state.profile_info])
 
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response,

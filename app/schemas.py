@@ -103,15 +103,28 @@ class HealthResponse(BaseModel):
     phase: str = Field(description="starting, loading, warming_up, ready, failed or stopping")
 
 
+class ProfileInfo(BaseModel):
+    name: str = Field(description="the value of `?profile=`")
+    description: str = Field(description="what the profile is for, in a sentence (empty where the checkpoint has none)")
+    alias_of: str | None = Field(default=None, description="the profile this name stands for, for an alias")
+    has_percentile: bool = Field(description="whether the profile has reference quantiles (a `percentile` in answers)")
+    measured: dict | None = Field(default=None, description=(
+        "the checkpoint's measured numbers for the profile (Spearman rho: `within_cv` per study, `loso` per "
+        "study, `teacher_agreement`), as its metadata's metrics.profiles holds them; null where it has none"))
+
+
 class ReadyResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "status": "ready", "model": MODEL_EXAMPLE, "max_batch_size": 32, "max_wait_ms": 5.0, "queue_size": 128}]})
+        "status": "ready", "model": MODEL_EXAMPLE, "max_batch_size": 32, "max_wait_ms": 5.0, "queue_size": 128,
+        "profiles": [{"name": "default", "description": "the checkpoint's own score", "alias_of": None,
+                      "has_percentile": True, "measured": None}]}]})
 
     status: str
     model: ModelInfo
     max_batch_size: int
     max_wait_ms: float
     queue_size: int
+    profiles: list[ProfileInfo] = Field(default_factory=list, description="the score profiles, `default` first")
 
 
 def error_responses(*statuses: int) -> dict:

@@ -138,6 +138,24 @@ class ServiceState:
             "device": str(self.scorer.device) if self.scorer is not None else "cpu",
         }
 
+    @property
+    def profile_info(self) -> list[dict]:
+        """The served model's score profiles, `default` first: name, description, alias_of,
+        has_percentile and measured (metadata metrics.profiles[name], or None); [] until loaded."""
+        if self.scorer is None:
+            return []
+        from model.profiles import profile_specs
+
+        meta = self.scorer.meta
+        measured = (meta.metrics.get("profiles") or {}) if meta is not None else {}
+        rows = []
+        for spec in profile_specs(self.scorer.config):
+            rows.append({"name": spec.name, "description": spec.description,
+                         "alias_of": spec.inputs[0] if spec.kind == "alias" else None,
+                         "has_percentile": meta is not None and bool(meta.reference_quantiles(spec.name)),
+                         "measured": measured.get(spec.name)})
+        return rows
+
     # -- request gate ------------------------------------------------------------------------
     def require_ready(self) -> None:
         retry = self.settings.retry_after_s

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import serve_subprocess
+from test_profiles import profile_checkpoint  # noqa: F401  (a fixture: a checkpoint with several profiles)
 
 CHROMIUM = os.environ.get("RESMEMNET_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RESMEMNET_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -239,7 +240,9 @@ def test_page_scores_two_photos_shows_overlays_and_a_bad_files_message(browser, 
     assert [r["filename"] for r in table] == [low, high, "notes.txt"]
     assert float(table[0]["score"]) == pytest.approx(scores[low], abs=1e-6)
     assert table[2]["reason"] == "not_an_image" and table[2]["score"] == ""
-    assert list(table[0]) == ["filename", "score", "percentile", "warnings", "width", "height", "error", "reason"]
+    assert list(table[0]) == ["filename", "profile", "score", "percentile", "warnings", "width", "height", "error",
+                              "reason"]
+    assert {r["profile"] for r in table} == {"default"}
 
     shot = tmp_path / "page.png"
     height = browser.execute_script("return document.documentElement.scrollHeight")
@@ -249,6 +252,52 @@ def test_page_scores_two_photos_shows_overlays_and_a_bad_files_message(browser, 
     browser.set_window_size(1280, 1000)
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+@pytest.fixture(scope="module")
+def profiled_server(profile_checkpoint, tmp_path_factory):  # noqa: F811
+    with serve_subprocess(profile_checkpoint, tmp_path_factory.mktemp("profiled"), torch_threads=1) as (base, _):
+        yield base
+
+
+def test_a_model_with_one_profile_shows_no_selector(browser, server):
+    open_page(browser, server)
+    assert not browser.find_element("id", "profile-box").is_displayed()
+
+
+def test_the_profile_selector_lists_the_models_profiles_and_rescores(browser, profiled_server, uploads):
+    """The selector shows /readyz's profiles, default first; choosing one rescores every photo with it."""
+    from selenium.webdriver.support.ui import Select
+
+    server = profiled_server
+
+    good, _ = uploads
+    ready = httpx.get(server + "/readyz", timeout=30).json()
+    names = [p["name"] for p in ready["profiles"]]
+    assert names[0] == "default" and len(names) > 1, names
+    open_page(browser, server)
+    select = Select(browser.find_element("id", "profile"))
+    assert [o.get_attribute("value") for o in select.options] == names
+    assert browser.find_element("id", "profile-box").is_displayed()
+    upload(browser, [good[0]])
+    wait_for(settled(browser, 1), what="the photo to be scored")
+    other = names[1]
+    select.select_by_value(other)
+    expected = httpx.post(server + "/score", params={"profile": other}, files={"file": (good[0].name, good[0].read_bytes())},
+                          timeout=60).json()
+    card = lambda: browser.execute_script(  # noqa: E731
+        "const c = document.querySelector('#cards .card'); return [c.dataset.profile, c.dataset.state, c.dataset.score,"
+        " c.querySelector('.score-label').textContent]")
+    wait_for(lambda: card()[0] == other and card()[1] == "done", what=f"the photo rescored with {other}")
+    profile, _, score, label = card()
+    assert float(score) == pytest.approx(expected["score"], abs=1e-5)
+    assert label == f"Score ({other})"
+    hint = browser.find_element("id", "profile-hint").text
+    assert hint == next(p["description"] for p in ready["profiles"] if p["name"] == other)
+    csv_text = browser.execute_script("return window.resmemnet.toCsv()")
+    assert list(csv.DictReader(io.StringIO(csv_text)))[0]["profile"] == other
+    browser.find_element("id", "clear").click()
+    select.select_by_value("default")
 
 
 def test_a_busy_service_is_retried_with_a_message(browser, server, uploads):

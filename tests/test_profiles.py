@@ -403,3 +403,25 @@ def test_info_lists_the_profiles(profile_checkpoint, tiny_checkpoint, capsys):
     assert "profiles    default, general, outdoor (" in capsys.readouterr().out
     assert main(["info", "--weights", str(tiny_checkpoint)]) == 0
     assert "profiles    default (" in capsys.readouterr().out
+
+
+def test_readyz_lists_the_profiles_with_descriptions_and_measured_numbers(client, scorer):
+    """/readyz names every profile (default first), what it is for, whether it has a percentile,
+    and the metadata's measured numbers (none for this test checkpoint)."""
+    from model.profiles import profile_specs
+
+    body = client.get("/readyz").json()
+    rows = {p["name"]: p for p in body["profiles"]}
+    assert [p["name"] for p in body["profiles"]] == list(scorer.profiles) and body["profiles"][0]["name"] == "default"
+    for spec in profile_specs(scorer.config):
+        row = rows[spec.name]
+        assert row["description"] == spec.description
+        assert row["alias_of"] == (spec.inputs[0] if spec.kind == "alias" else None)
+        assert row["has_percentile"] == (scorer.percentile(0.5, spec.name) is not None)
+        assert row["measured"] is None
+    measured = {"within_cv": {"lnsim": 0.58}, "loso": {"cdm": 0.2}, "teacher_agreement": 0.9}
+    scorer.meta.metrics["profiles"] = {"default": measured}
+    try:
+        assert client.get("/readyz").json()["profiles"][0]["measured"] == measured
+    finally:
+        del scorer.meta.metrics["profiles"]

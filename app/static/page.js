@@ -3,6 +3,8 @@
 // No libraries and no external requests. Every text that came from a user or the server is set
 // with textContent, never as HTML. Where the service needs an API key (a 401), the page asks for
 // one, keeps it in sessionStorage (this tab only) and sends it as `Authorization: Bearer KEY`.
+// The score profile selector lists /readyz's profiles (default first); changing it rescores
+// every photo with the new profile.
 "use strict";
 
 (() => {
@@ -18,6 +20,8 @@
     text: "Mostly text: the model was made for photos, so the score means little.",
     low_resolution: "Very low resolution (under 64 px of detail): what the model relies on is missing.",
     upscaled: "Upscaled from a very small image: what the model relies on is missing.",
+    multi_frame: "Animated or multi-page file: only the first frame (or page) was scored.",
+    truncated_end: "This JPEG lacks its end marker (cut short at the very end); its image data was complete and was scored.",
   };
   const REASON_TEXT = {
     not_an_image: "This file is not an image the service can read.",
@@ -68,6 +72,7 @@
           const m = body.model || {};
           setStatus("ready", `Ready: model ${m.name} ${m.version} on ${m.device}.`);
           $("#model-line").textContent = `Model ${m.name} ${m.version}, running on ${m.device}.`;
+          setProfiles(Array.isArray(body.profiles) ? body.profiles : []);
           ready = true;
           readyWaiters.splice(0).forEach((resolve) => resolve());
           break;
@@ -80,6 +85,48 @@
       await sleep(2000);
     }
     polling = false;
+  }
+
+  // -- score profiles ----------------------------------------------------------------------
+  let profiles = [];
+
+  function currentProfile() {
+    return $("#profile").value || "default";
+  }
+
+  /** Fill the selector from /readyz's profiles (default first), keeping the choice if it is still there. */
+  function setProfiles(list) {
+    profiles = list.filter((p) => p && typeof p.name === "string");
+    profiles.sort((a, b) => (a.name !== "default") - (b.name !== "default"));
+    const select = $("#profile");
+    const chosen = select.value;
+    select.replaceChildren(...profiles.map((p) => {
+      const option = document.createElement("option");
+      option.value = p.name;
+      option.textContent = p.alias_of ? `${p.name} (same as ${p.alias_of})` : p.name;
+      return option;
+    }));
+    if (profiles.some((p) => p.name === chosen)) select.value = chosen;
+    $("#profile-box").hidden = profiles.length < 2;
+    showProfileHint();
+  }
+
+  function showProfileHint() {
+    const p = profiles.find((q) => q.name === currentProfile());
+    $("#profile-hint").textContent = p ? (p.description || "") : "";
+  }
+
+  function changeProfile() {
+    showProfileHint();
+    for (const item of items) {
+      item.profile = currentProfile();
+      processItem(item);
+    }
+  }
+
+  function withProfile(url, profile) { // default: the plain URL (the service's default too)
+    if (profile === "default") return url;
+    return `${url}${url.includes("?") ? "&" : "?"}profile=${encodeURIComponent(profile)}`;
   }
 
   function whenReady() {
@@ -192,7 +239,8 @@
     if (!files.length) return;
     $("#results").hidden = false;
     for (const file of files) {
-      const item = { id: nextId++, file, name: file.name, score: null, percentile: null, warnings: [],
+      const item = { id: nextId++, file, name: file.name, profile: currentProfile(), run: 0,
+                     score: null, percentile: null, warnings: [],
                      width: null, height: null, reason: "", error: "", status: "queued", retries: 0 };
       item.card = makeCard(item);
       item.row = makeRow(item);
@@ -267,11 +315,14 @@
   const onKeyFor = (item) => () => setProgress(item, item.status, "Waiting for an API key…");
 
   async function processItem(item) {
+    const run = ++item.run; // a newer run (another profile) supersedes this one
     $(".error", item.card).hidden = true;
     setProgress(item, "scoring", "Scoring…");
     try {
-      const r = await scoreSlot(() => postFile("score", item.file, onBusyFor(item), onKeyFor(item)));
+      const url = withProfile("score", item.profile);
+      const r = await scoreSlot(() => postFile(url, item.file, onBusyFor(item), onKeyFor(item)));
       const body = await r.json();
+      if (run !== item.run) return;
       item.score = body.score;
       item.percentile = typeof body.percentile === "number" ? body.percentile : null;
       item.warnings = Array.isArray(body.warnings) ? body.warnings.map(String) : [];
@@ -279,17 +330,19 @@
       item.height = body.height;
       showScore(item);
     } catch (e) {
-      showError(item, e, () => processItem(item));
+      if (run === item.run) showError(item, e, () => processItem(item));
       return;
     }
-    await loadHeatmap(item);
+    await loadHeatmap(item, run);
   }
 
-  async function loadHeatmap(item) {
+  async function loadHeatmap(item, run = item.run) {
     $(".error", item.card).hidden = true;
     setProgress(item, "heatmap", "Computing the heatmap…");
     try {
-      const r = await heatmapSlot(() => postFile(HEATMAP_URL, item.file, onBusyFor(item), onKeyFor(item)));
+      const url0 = withProfile(HEATMAP_URL, item.profile);
+      const r = await heatmapSlot(() => postFile(url0, item.file, onBusyFor(item), onKeyFor(item)));
+      if (run !== item.run) return;
       const url = URL.createObjectURL(await r.blob());
       item.urls.push(url);
       const heat = $(".heat", item.card);
@@ -300,6 +353,7 @@
       });
       setProgress(item, "done", "");
     } catch (e) {
+      if (run !== item.run) return;
       // The score stands; only the heatmap is missing.
       item.status = "done";
       item.card.dataset.state = "done";
@@ -311,6 +365,8 @@
 
   function showScore(item) {
     $(".score", item.card).textContent = item.score.toFixed(3);
+    $(".score-label", item.card).textContent = item.profile === "default" ? "Score" : `Score (${item.profile})`;
+    item.card.dataset.profile = item.profile;
     if (item.width && !$(".photo-fig", item.card).classList.contains("no-preview")) {
       $(".photo-caption", item.card).textContent = `Photo, ${item.width}×${item.height} px`;
     }
@@ -397,10 +453,10 @@
   }
 
   function toCsv() {
-    const header = ["filename", "score", "percentile", "warnings", "width", "height", "error", "reason"];
+    const header = ["filename", "profile", "score", "percentile", "warnings", "width", "height", "error", "reason"];
     const lines = [header.join(",")];
     for (const item of ordered()) {
-      lines.push([item.name, item.score === null ? "" : item.score.toFixed(6),
+      lines.push([item.name, item.profile, item.score === null ? "" : item.score.toFixed(6),
                   item.percentile === null ? "" : item.percentile.toFixed(1), item.warnings.join(";"),
                   item.width ?? "", item.height ?? "", item.error, item.status === "error" ? item.reason : ""]
         .map(csvField).join(","));
@@ -449,6 +505,7 @@
     $("#download").addEventListener("click", download);
     $("#clear").addEventListener("click", clearAll);
     $("#key-form").addEventListener("submit", useKey);
+    $("#profile").addEventListener("change", changeProfile);
     window.resmemnet = { toCsv }; // for scripts and tests: the CSV the button downloads
     pollReady();
   }
