@@ -150,10 +150,15 @@ def test_adapting_an_adapted_checkpoint_adds_another_profile(adapted, labelled, 
     assert available_profiles(read_meta(tmp_path / "two.json").architecture)[-2:] == ("mine", "second")
 
 
-def test_info_lists_the_new_profile(adapted, capsys):
+def test_info_and_score_see_the_new_profile(adapted, labelled, tmp_path, capsys):
     out, *_ = adapted
     assert main(["info", "--weights", str(out)]) == 0
     assert "mine" in capsys.readouterr().out
+    photo = str(labelled[0] / labelled[1][0][0])
+    assert main(["score", "--weights", str(out), "--profile", "mine", "--device", "cpu", "--out",
+                 str(tmp_path / "s.json"), photo]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert rows[0]["profile"] == "mine" and 0 < rows[0]["score"] < 1 and rows[0]["percentile"] is not None
 
 
 def test_service_serves_the_new_profile(adapted, labelled, monkeypatch):
@@ -170,11 +175,13 @@ def test_service_serves_the_new_profile(adapted, labelled, monkeypatch):
 
 
 # -- bad input: one message, exit status 2, nothing written --------------------------------------
-def bad_labels(tmp_path, labelled, rows=None, text=None):
+def bad_labels(tmp_path, labelled, rows=None, text=None, data=None):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "img").symlink_to(labelled[0] / "img")
-    if text is not None:
+    if data is not None:
+        (folder / "scores.csv").write_bytes(data)
+    elif text is not None:
         (folder / "scores.csv").write_text(text)
     else:
         write_csv(folder / "scores.csv", rows)
@@ -192,6 +199,17 @@ CASES = {
     "too_few": (lambda t, l: bad_labels(t, l, rows=l[1][:30]), "at least 50"),
     "duplicate": (lambda t, l: bad_labels(t, l, rows=l[1] + [l[1][0]]), "listed twice"),
     "constant": (lambda t, l: bad_labels(t, l, rows=[(p, "0.5") for p, _ in l[1]]), "no ranking to learn"),
+    "empty_score": (lambda t, l: bad_labels(t, l, rows=l[1][:-1] + [(l[1][-1][0], "")]), "not finite numbers"),
+    "negative": (lambda t, l: bad_labels(t, l, rows=l[1][:-1] + [(l[1][-1][0], "-0.1")]), "outside [0, 1]"),
+    "percent": (lambda t, l: bad_labels(t, l, rows=[(p, f"{float(v) * 100:.1f}") for p, v in l[1]]),
+                "outside [0, 1]"),
+    "no_path": (lambda t, l: bad_labels(t, l, rows=l[1] + [("", "0.5")]), "have no path"),
+    "duplicate_spelled_differently": (lambda t, l: bad_labels(t, l, rows=l[1] + [("img/../img/" + l[1][0][0][4:],
+                                                                                   "0.5")]), "listed twice"),
+    "header_only": (lambda t, l: bad_labels(t, l, text="path,score\n"), "has 0 photos"),
+    "empty_file": (lambda t, l: bad_labels(t, l, text=""), "`path` and `score` columns"),
+    "not_utf8": (lambda t, l: bad_labels(t, l, data="path,score\nimg/\xe9t\xe9.jpg,0.5\n".encode("latin-1")),
+                 "not a UTF-8 CSV"),
 }
 
 
@@ -254,3 +272,52 @@ def test_metadata_records_the_labels_hash(adapted, labelled):
     meta = json.loads(out.read_text())
     assert meta["provenance"]["adapt"]["labels_sha256"] == hashlib.sha256(
         (labelled[0] / "scores.csv").read_bytes()).hexdigest()
+
+
+def test_export_of_an_adapted_checkpoint_outputs_the_new_profile(adapted, labelled, tmp_path, private_cache):
+    """The ONNX export of an adapted checkpoint has a `profile_scores` column for NAME that equals
+    the torch model's score (fp32)."""
+    import onnxruntime as ort
+
+    from model.scoring import Scorer
+
+    out, *_ = adapted
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", "--format", "onnx", "--out", str(onnx_file), "--weights", str(out)]) == 0
+    names = json.loads(onnx_file.with_suffix(".json").read_text())["onnx"]["profile_output"]["profiles"]
+    assert names[-1] == "mine"
+    scorer = Scorer.from_checkpoint(out, device="cpu", mixed_precision=False, backend="torch")
+    photos = [str(labelled[0] / p) for p, _ in labelled[1][:4]]
+    batch = torch.stack([scorer.prepare(p).tensor for p in photos])
+    got = ort.InferenceSession(str(onnx_file)).run(["profile_scores"], {"image": batch.numpy()})[0]
+    assert got[:, names.index("mine")] == pytest.approx(scorer.score_tensors(list(batch), profile="mine"), abs=1e-4)
+
+
+@pytest.mark.parametrize("out, message", [("x.txt", "must end in .json"), ("missing/x.json", "does not exist"),
+                                          ("BASE", "the checkpoint being adapted")])
+def test_a_bad_out_path_exits_2_and_writes_nothing(out, message, base_checkpoint, labelled, tmp_path, capsys):
+    target = base_checkpoint if out == "BASE" else tmp_path / out
+    before = sorted(tmp_path.rglob("*")), base_checkpoint.read_bytes()
+    assert adapt(labelled[0], "--name", "mine", "--out", target, "--weights", base_checkpoint,
+                 "--cache-dir", tmp_path / "cache") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("resmemnet: error:") and message in err[0], err
+    assert (sorted(tmp_path.rglob("*")), base_checkpoint.read_bytes()) == before
+
+
+@pytest.mark.parametrize("folds", ["1", "7"])
+def test_folds_that_leave_too_few_test_photos_exit_2(folds, base_checkpoint, labelled, tmp_path, capsys):
+    """60 photos: 2 to 6 folds (at least 10 test photos in each)."""
+    assert adapt(labelled[0], "--name", "mine", "--out", tmp_path / "x.json", "--weights", base_checkpoint,
+                 "--cache-dir", tmp_path / "cache", "--folds", folds) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 to 6 folds" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_negative_seed_is_a_usage_error(base_checkpoint, labelled, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        adapt(labelled[0], "--name", "mine", "--out", tmp_path / "x.json", "--weights", base_checkpoint,
+              "--seed", "-1")
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

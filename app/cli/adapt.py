@@ -33,12 +33,32 @@ def register(sub) -> None:
                    help="where the photos' features are cached (default: $RESMEMNET_CACHE_DIR/features, else "
                         "~/.cache/resmemnet/features)")
     p.add_argument("--folds", type=positive_int, default=5, help="k of the k-fold CV report (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the CV folds (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the CV folds: 0 or more (default 0)")
     p.add_argument("--no-resmem", action="store_true", help="leave the resmem package out of the CV table")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--workers", type=positive_int, default=2, help="image decoding threads (default 2)")
     p.set_defaults(func=run_adapt)
+
+
+def _seed(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer 0 or more, got {text!r}")
+    return value
+
+
+def _check_folds(folds: int, n: int) -> None:
+    from model.training.adapt_inputs import MIN_FOLD, AdaptError
+
+    if folds < 2 or n // folds < MIN_FOLD:
+        raise AdaptError(f"--folds {folds}: k-fold CV of {n} photos needs 2 to {max(2, n // MIN_FOLD)} folds (at "
+                         f"least {MIN_FOLD} photos in each test fold)")
 
 
 def _out_path(args, base: Path) -> Path:
@@ -77,6 +97,7 @@ def run_adapt(args) -> int:
     start = time.perf_counter()
     base = _json_path(weights_path(args))
     labels = read_labels(args.labels)
+    _check_folds(args.folds, len(labels.paths))
     out = _out_path(args, base)
     model, meta = load_checkpoint(base)
     teacher_column(model.cfg)
@@ -93,8 +114,8 @@ def run_adapt(args) -> int:
                              tap_weighting=(meta.training.get("config", {}).get("readout", {})
                                             .get("tap_weighting", "stage")))
     log(f"adapt: {settings.folds}-fold CV of {name} (the fit repeated inside each training fold)")
-    description = f"fitted to {len(labels.paths)} labelled photos ({labels.csv_path.name}): a new output blended " \
-                  "with the teacher output"
+    description = (f"fitted to {len(labels.paths)} labelled photos ({labels.csv_path.name}): a new output blended "
+                   "with the teacher output; its percentile ranks a score among those photos")
     result = adapt(feats, labels.scores, model, settings, resmem=resmem, description=description, log=log)
     table = result.cv["spearman"]
     verdict = _verdict(name, table)
@@ -106,6 +127,10 @@ def run_adapt(args) -> int:
     print(f"wrote {written} (+ {written.with_suffix('.safetensors').name}; {name}: alpha {result.fit.alpha:g}, "
           f"blend {result.fit.blend:.2f}; features {features_s:.0f} s, CV and fit "
           f"{result.seconds['cv'] + result.seconds['fit']:.0f} s, total {time.perf_counter() - start:.0f} s)")
+    n_ref = (meta.reference or {}).get("n")
+    others = (f"the other profiles' rank among the checkpoint's {n_ref} reference photos" if n_ref else
+              "the other profiles have none: the checkpoint has no reference set")
+    print(f"percentiles of {name} rank a score among these {len(labels.paths)} labelled photos ({others})")
     print(f"serve it: RESMEMNET_WEIGHTS={written} resmemnet serve, then ?profile={name}; or "
           f"resmemnet score --weights {written} --profile {name} PHOTOS")
     return EXIT_OK

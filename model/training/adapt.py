@@ -7,7 +7,8 @@ The fit (the recipe the project's measurements chose, docs/training.md "Bring yo
   training module's own), the penalty chosen by inner 5-fold CV (a photo's rows in one fold);
 - the profile NAME = scale * (b * U / sd(U) + (1 - b) * T / sd(T)) + shift, with T the head's
   teacher output (the `general` profile): a z-scored blend, b chosen by inner CV on out-of-fold
-  predictions of U, scale and shift the least-squares map onto the user's scores;
+  predictions of U (sd(U) is theirs too), scale and shift the least-squares map of the
+  out-of-fold blend onto the user's scores;
 - its percentile quantiles: NAME's scores of the user's own photos (the reference photos of the
   shipped profiles are not shipped, so they cannot be scored here).
 
@@ -118,10 +119,12 @@ def fit_profile(feats: np.ndarray, y: np.ndarray, t: np.ndarray, idx: np.ndarray
                     eval_rows=np.repeat(np.arange(a) == 0, n))
     oof, fold_of = cross_predict(kernel, target, groups, alpha=fit.alpha, folds=s.inner_folds, seed=s.seed)
     del kernel
-    b = choose_blend(oof[:n], t[idx], y[idx], fold_of[:n], s.blend_grid)
-    u = x[:n].astype(np.float64) @ fit.weight + fit.bias
-    weights = (b / (u.std() or 1.0), (1.0 - b) / (t[idx].std() or 1.0))
-    scale, shift = affine_fit(weights[0] * u + weights[1] * t[idx], y[idx])
+    u_oof = oof[:n]
+    b = choose_blend(u_oof, t[idx], y[idx], fold_of[:n], s.blend_grid)
+    # z-scores and calibration from the out-of-fold U: on photos it never saw, U spreads like
+    # u_oof, not like its fitted values on its own training photos (wider: the fit follows them).
+    weights = (b / (u_oof.std() or 1.0), (1.0 - b) / (t[idx].std() or 1.0))
+    scale, shift = affine_fit(weights[0] * u_oof + weights[1] * t[idx], y[idx])
     if not scale > 0:  # the blend does not rise with the scores on its own photos: keep the ranking, centre it
         scale, shift = float(y[idx].std() or 1.0), float(y[idx].mean())
     return ProfileFit(weight=fit.weight, bias=fit.bias, alpha=fit.alpha, blend=b, weights=weights, scale=scale,

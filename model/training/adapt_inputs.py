@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import InputError
 
 MIN_PHOTOS = 50  # below this 5-fold CV tests 10 photos a fold: its rho says nothing
+MIN_FOLD = 10  # photos in each test fold of the k-fold CV report, at least
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 SHOWN = 3  # offending rows named in a message
 
@@ -53,13 +54,14 @@ def read_labels(source: str | Path, *, min_photos: int = MIN_PHOTOS) -> Labels:
         raise AdaptError(f"labels: {where} (give a CSV of path,score or a folder holding scores.csv)")
     data = csv_path.read_bytes()
     try:
-        rows = list(csv.DictReader(data.decode("utf-8-sig").splitlines()))
-        columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
+        reader = csv.DictReader(data.decode("utf-8-sig").splitlines())
+        rows = list(reader)
+        columns = {c.strip().lower(): c for c in (reader.fieldnames or []) if c is not None}
     except (UnicodeDecodeError, csv.Error) as exc:
         raise AdaptError(f"labels: {csv_path} is not a UTF-8 CSV ({exc})") from None
     if "path" not in columns or "score" not in columns:
         raise AdaptError(f"labels: {csv_path} needs a header with `path` and `score` columns "
-                         f"(has {', '.join(columns) or 'no rows'})")
+                         f"(has {', '.join(map(repr, columns)) or 'nothing'})")
     root = csv_path.parent
     paths, scores, bad, outside, empty = [], [], [], [], []
     for line, row in enumerate(rows, start=2):
