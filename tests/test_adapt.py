@@ -321,3 +321,22 @@ def test_a_negative_seed_is_a_usage_error(base_checkpoint, labelled, tmp_path, c
               "--seed", "-1")
     assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
+def test_a_blend_outside_0_to_1_is_a_usage_error(value, base_checkpoint, labelled, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        adapt(labelled[0], "--name", "mine", "--out", tmp_path / "x.json", "--weights", base_checkpoint,
+              "--blend", value)
+    assert exc.value.code == 2 and "--blend" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_blend_is_half_by_default_or_chosen_by_inner_cv(adapted, labelled, base_checkpoint, tmp_path):
+    out, cache, *_ = adapted
+    assert json.loads(out.read_text())["training"]["adapt"]["blend"] == 0.5
+    auto = tmp_path / "auto.json"
+    assert adapt(labelled[0], "--name", "mine", "--out", auto, "--weights", base_checkpoint, "--cache-dir", cache,
+                 "--blend", "auto") == 0
+    info = json.loads(auto.read_text())["training"]["adapt"]
+    assert len(info["blend_grid"]) == 21 and info["blend"] in info["blend_grid"]

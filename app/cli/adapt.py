@@ -34,6 +34,9 @@ def register(sub) -> None:
                         "~/.cache/resmemnet/features)")
     p.add_argument("--folds", type=positive_int, default=5, help="k of the k-fold CV report (default 5)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CV folds: 0 or more (default 0)")
+    p.add_argument("--blend", type=_blend, default=0.5, metavar="B|auto",
+                   help="weight b of the new output's z-score in NAME, the teacher output's being 1 - b (default 0.5); "
+                        "auto: chosen by inner CV from 0, 0.05, ..., 1 (noisy with a few hundred photos)")
     p.add_argument("--no-resmem", action="store_true", help="leave the resmem package out of the CV table")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -50,6 +53,21 @@ def _seed(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer 0 or more, got {text!r}")
+    return value
+
+
+def _blend(text: str):
+    import argparse
+    import math
+
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number from 0 to 1, got {text!r}")
     return value
 
 
@@ -110,7 +128,8 @@ def run_adapt(args) -> int:
     feats = photo_features(scorer, labels.paths, folder, batch_size=args.batch_size, workers=args.workers, log=log)
     features_s = time.perf_counter() - t0
     resmem = None if args.no_resmem else resmem_scores(labels.paths, folder, batch_size=args.batch_size, log=log)
-    settings = AdaptSettings(name=name, folds=args.folds, seed=args.seed,
+    grid = {} if args.blend == "auto" else {"blend_grid": (float(args.blend),)}
+    settings = AdaptSettings(name=name, folds=args.folds, seed=args.seed, **grid,
                              tap_weighting=(meta.training.get("config", {}).get("readout", {})
                                             .get("tap_weighting", "stage")))
     log(f"adapt: {settings.folds}-fold CV of {name} (the fit repeated inside each training fold)")

@@ -6,9 +6,11 @@ The fit (the recipe the project's measurements chose, docs/training.md "Bring yo
   trunk's pooled taps of every photo and its mirror image (readout.TapKernel / fit_ridge, the
   training module's own), the penalty chosen by inner 5-fold CV (a photo's rows in one fold);
 - the profile NAME = scale * (b * U / sd(U) + (1 - b) * T / sd(T)) + shift, with T the head's
-  teacher output (the `general` profile): a z-scored blend, b chosen by inner CV on out-of-fold
-  predictions of U (sd(U) is theirs too), scale and shift the least-squares map of the
-  out-of-fold blend onto the user's scores;
+  teacher output (the `general` profile): a z-scored blend, b = 0.5 by default (`--blend`; with
+  a grid, chosen by inner CV on out-of-fold predictions of U: on cdm_dev's 512 photos that
+  choice was too noisy, 5-fold CV rho 0.200 against 0.234 at 0.5), sd(U) that of the
+  out-of-fold predictions, scale and shift the least-squares map of the out-of-fold blend onto
+  the user's scores;
 - its percentile quantiles: NAME's scores of the user's own photos (the reference photos of the
   shipped profiles are not shipped, so they cannot be scored here).
 
@@ -39,7 +41,7 @@ class AdaptSettings:
     inner_folds: int = 5  # penalty and blend choice inside the training photos
     seed: int = 0
     alphas: tuple[float, ...] = ALPHAS
-    blend_grid: tuple[float, ...] = BLEND_GRID
+    blend_grid: tuple[float, ...] = BLEND_GRID  # b chosen by inner CV; one value: b fixed (the command's default 0.5)
     tap_weighting: str = "stage"  # readout.TAP_WEIGHTINGS; the shipped readout's
 
 
@@ -94,6 +96,8 @@ def _z(v: np.ndarray) -> np.ndarray:
 def choose_blend(u_oof: np.ndarray, t: np.ndarray, y: np.ndarray, fold_of: np.ndarray, grid) -> float:
     """b of b * z(U) + (1 - b) * z(T) with the best mean per-fold rho; the smallest such b (T alone
     unless U adds something)."""
+    if len(grid) == 1:
+        return float(grid[0])
     zu, zt = _z(u_oof), _z(t)
     best, chosen = -2.0, 0.0
     for b in grid:
