@@ -147,7 +147,16 @@ def test_adapting_an_adapted_checkpoint_adds_another_profile(adapted, labelled, 
     out, cache, *_ = adapted
     assert adapt(labelled[0], "--name", "second", "--out", tmp_path / "two.json", "--weights", out,
                  "--cache-dir", cache) == 0
-    assert available_profiles(read_meta(tmp_path / "two.json").architecture)[-2:] == ("mine", "second")
+    meta = read_meta(tmp_path / "two.json")
+    assert available_profiles(meta.architecture)[-2:] == ("mine", "second")
+    assert meta.metrics["adapt"]["profile"] == "second"  # the first adaptation's records are kept beside
+    assert [m["profile"] for m in meta.metrics["adapt_earlier"]] == ["mine"]
+    assert meta.training["adapt_earlier"][0]["profile"] == "mine"
+    assert meta.provenance["adapt_earlier"][0]["labels_sha256"] == meta.provenance["adapt"]["labels_sha256"]
+    capsys.readouterr()
+    assert main(["info", "--weights", str(tmp_path / "two.json")]) == 0
+    adapted_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("adapted ")]
+    assert len(adapted_rows) == 2 and "mine:" in adapted_rows[0] and "second:" in adapted_rows[1]
 
 
 def test_info_and_score_see_the_new_profile(adapted, labelled, tmp_path, capsys):

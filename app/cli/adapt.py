@@ -191,13 +191,17 @@ def _metadata(meta, base: Path, labels, settings, result, verdict, name: str, fe
     from model.filecache import sha256_file
 
     new = copy.deepcopy(meta)
+    for part in (new.metrics, new.training, new.provenance):  # an adapted checkpoint's earlier adapt records stay
+        earlier = part.get("adapt")
+        if earlier:
+            part.setdefault("adapt_earlier", []).append(earlier)
     new.name = f"{meta.name}-{name}"
     new.description = (f"{meta.description} Adapted: profile {name} fitted to {len(labels.paths)} labelled photos "
                        f"({labels.csv_path.name}).").strip()
     cv = result.cv
     new.metrics.setdefault("profiles", {})
     new.metrics["profiles"][name] = {"within_cv": {labels.csv_path.name: round(cv["spearman"][name]["mean"], 4)}}
-    new.metrics["adapt"] = {**cv, "verdict": verdict, "note": "k-fold CV rho on the labelled photos of the adapt "
+    new.metrics["adapt"] = {"profile": name, **cv, "verdict": verdict, "note": "k-fold CV rho on the labelled photos of the adapt "
                             f"run, every profile on the same test folds; {name} refitted inside each training fold"}
     new.reference = copy.deepcopy(meta.reference or {})
     new.reference.setdefault("profiles", {})[name] = result.quantiles
@@ -205,7 +209,7 @@ def _metadata(meta, base: Path, labels, settings, result, verdict, name: str, fe
         "set": f"the {len(labels.paths)} labelled photos {name} was fitted to ({labels.csv_path.name})",
         "n": len(labels.paths)}
     fit = result.fit
-    new.training = {**meta.training, "adapt": {
+    new.training = {**new.training, "adapt": {
         "profile": name, "labels_file": labels.csv_path.name, "labels_sha256": labels.sha256,
         "n_photos": len(labels.paths), "augmentations": ["none", "hflip"],
         "alphas": list(settings.alphas), "alpha": fit.alpha, "inner_cv_spearman": {str(a): r for a, r in
@@ -214,8 +218,8 @@ def _metadata(meta, base: Path, labels, settings, result, verdict, name: str, fe
         "tap_weighting": settings.tap_weighting, "calibration": {"scale": fit.scale, "shift": fit.shift},
         "seconds": {"features": round(features_s, 1), "cv": round(result.seconds["cv"], 1),
                     "fit": round(result.seconds["fit"], 1)}}}
-    new.provenance = {**meta.provenance, "adapt": {
-        "base_checkpoint": meta.name, "base_json_sha256": sha256_file(base),
+    new.provenance = {**new.provenance, "adapt": {
+        "profile": name, "base_checkpoint": meta.name, "base_json_sha256": sha256_file(base),
         "base_tensors_sha256": meta.tensors_sha256, "labels_sha256": labels.sha256,
         "n_photos": len(labels.paths), "command": "resmemnet " + " ".join(sys.argv[1:]),
         "resmemnet": installed_version() or "", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
