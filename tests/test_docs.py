@@ -49,3 +49,12 @@ def test_docs_speak_to_newcomers():
     for doc in DOCS:
         text = doc.read_text().lower()
         assert not [p for p in phrases if p in text], doc.name
+
+
+def test_api_settings_table_is_the_codes():
+    """docs/api.md says its settings table is generated from the code: it must be that table."""
+    from app.settings import ServiceSettings
+
+    text = (REPO / "docs" / "api.md").read_text()
+    section = text[text.index("## Settings"):text.index("## Errors")]
+    assert ServiceSettings.table().strip() in section
