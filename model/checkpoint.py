@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,9 @@ def save_checkpoint(model: ResMemNet, meta: CheckpointMeta, path: str | os.PathL
     meta.tensors_file = tensors_path.name
     meta.tensors_sha256 = sha256_file(tensors_path)
     json_path.write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=False) + "\n")
+    # safetensors creates its file 0600 whatever the umask; give it the .json's mode (the umask's),
+    # so a checkpoint one user writes can be served by another (the container's user 10001).
+    shutil.copymode(json_path, tensors_path)
     return json_path
 
 

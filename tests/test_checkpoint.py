@@ -169,3 +169,11 @@ def test_package_trunks_load_with_their_input_scaling(make_source):
     with torch.no_grad():
         out = model(torch.rand(1, 3, 96, 96))
     assert torch.isfinite(out).all()
+
+
+def test_saved_tensor_file_has_the_json_files_mode(tiny_checkpoint):
+    """safetensors writes 0600; a checkpoint's two files must be readable alike (umask's mode)."""
+    import stat
+
+    modes = [stat.S_IMODE(tiny_checkpoint.with_suffix(s).stat().st_mode) for s in (".json", ".safetensors")]
+    assert modes[0] == modes[1]
