@@ -3,8 +3,8 @@
 
 Both take the same preprocessed batch, float32 (B, 3, H, W) RGB in [0, 1], and give (B,)
 float32 scores; ONNX Runtime's fp32 scores equal torch's fp32 ones within 1e-3 (tests). The
-engine only replaces the forward pass: decoding, batching and heatmaps (Grad-RAM needs
-gradients, so always torch) are the same for both.
+engine only replaces the forward pass: decoding and batching are the same for both; ONNX Runtime
+scores every profile from the export's `profile_scores` output.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class OnnxRuntimeRunner:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, options: OrtOptions = OrtOptions(), *,
-                 onnx_sha256: str | None = None):
+                 onnx_sha256: str | None = None, profiles: tuple[str, ...] = ()):
         import onnxruntime as ort
 
         from .export import INPUT_NAME, OUTPUT_NAME
@@ -113,6 +113,8 @@ class OnnxRuntimeRunner:
         self.options = options
         self.path = str(onnx_path)
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
+        # the columns of the export's `profile_scores` output (its sidecar's profile_output.profiles)
+        self.profile_names = tuple(profiles)
         optimized = None
         if onnx_sha256 and options.optimization == "all":
             optimized = Path(onnx_path).with_name(
@@ -138,8 +140,22 @@ class OnnxRuntimeRunner:
     def __call__(self, batch):
         import numpy as np
 
+        return self.run([self.output_name], batch)[0]
+
+    def run(self, names, batch) -> list:
+        """The named graph outputs for one (B, 3, H, W) batch, float32 ndarrays."""
+        import numpy as np
+
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
+        return [out.astype(np.float32, copy=False) for out in self.session.run(list(names), {self.input_name: batch})]
+
+    def profile_table(self, batch, names) -> "np.ndarray":
+        """(B, 3, H, W) -> (B, len(names)) float32 scores of the named profiles, from the export's
+        `profile_scores` output (one pass; KeyError for a profile it has no column of)."""
+        from .export import PROFILES_OUTPUT
+
+        table = self.run([PROFILES_OUTPUT], batch)[0]
+        return table[:, [self.profile_names.index(n) for n in names]]
 
 
 def cpu_identity() -> str:
@@ -189,6 +205,7 @@ def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOpti
 
     try:
         export = cached_onnx(weights)
-        return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"])
+        profiles = (export.info["onnx"].get("profile_output") or {}).get("profiles", ())
+        return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"], profiles=profiles)
     except ExportError as exc:
         raise BackendError(f"the onnxruntime backend cannot run this checkpoint: {exc}") from None

@@ -65,8 +65,8 @@ class Scorer:
     """A loaded model plus its preprocessing, on one device.
 
     backend "torch" runs the model; "onnxruntime" runs its ONNX export on the CPU (runner: a
-    model.engines.OnnxRuntimeRunner) and loads the torch model only when something asks for
-    `model` (heatmaps, score profiles other than "default"), from `weights`.
+    model.engines.OnnxRuntimeRunner), every score profile included, and loads the torch model
+    only when something asks for `model` (heatmaps), from `weights`.
     """
 
     def __init__(self, model: ResMemNet | None, preprocessing: Preprocessing, *, device="auto",
@@ -197,11 +197,16 @@ class Scorer:
         name in `profiles` (default: all of `self.profiles`, in that order).
 
         The trunk runs once: profiles differ only in how the head's outputs are combined. The
-        onnxruntime backend outputs the default score only, so any other profile is scored by
-        the torch model (`model`, loaded on first use); the default column still comes from the
-        runner. ValueError for a profile this model has not got.
+        onnxruntime backend reads every profile from the export's `profile_scores` output (an
+        export without it, or a runner that gives the default score only: the default column
+        from the runner, the others from the torch model, loaded on first use). ValueError for
+        a profile this model has not got.
         """
         names = tuple(self.profiles if profiles is None else profiles)
+        for name in names:
+            self.check_profile(name)
+        if self.runner is not None and names and set(names) <= set(getattr(self.runner, "profile_names", ())):
+            return torch.from_numpy(self.runner.profile_table(batch.float().contiguous().numpy(), names))
         columns = {}
         if self.runner is not None and "default" in names:
             columns["default"] = torch.from_numpy(self.runner(batch.float().contiguous().numpy()))

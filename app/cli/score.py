@@ -110,8 +110,6 @@ def run_score(args) -> int:
     if not entries:
         return fail("no files found under the given paths")
     backend = backend_setting(args.backend, default=CLI_DEFAULT_BACKEND)
-    if backend == "auto" and args.profile != "default":
-        backend = "torch"  # the ONNX export outputs the default score only: torch would score the rest anyway
     scorer = load_scorer(args, precision="fp32" if args.fp32 else args.precision, backend=backend)
     profile = checked_profile(scorer, args.profile)
     if args.shard or args.resume:  # one slice of the inputs and/or appending to --out
