@@ -24,7 +24,9 @@ BACKENDS = ("torch", "onnxruntime")
 # asked for), or without the engine.
 CHOICES = ("auto", *BACKENDS)
 # The library's and the service's default (Scorer.from_checkpoint without a backend and without
-# $RESMEMNET_BACKEND, RESMEMNET_BACKEND in app/settings.py); `resmemnet score` defaults to CLI_DEFAULT_BACKEND.
+# $RESMEMNET_BACKEND, RESMEMNET_BACKEND in app/settings.py) where torch is installed; without torch
+# (`pip install resmemnet`, the slim image) it is onnxruntime (default_backend).
+# `resmemnet score` defaults to CLI_DEFAULT_BACKEND.
 DEFAULT_BACKEND = "torch"
 CLI_DEFAULT_BACKEND = "auto"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -35,19 +37,27 @@ class BackendError(InputError):
 
 
 def engine_installed() -> bool:
+    """ONNX Runtime is installed (scoring an export needs nothing else; exporting also needs torch and onnx)."""
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def default_backend() -> str:
+    """DEFAULT_BACKEND where torch is installed, else onnxruntime (the torch-free runtime)."""
+    from .environment import torch_available
+
+    return DEFAULT_BACKEND if torch_available() else "onnxruntime"
 
 
 def check_backend(name: str | None) -> str:
-    """The backend asked for: `name`, else $RESMEMNET_BACKEND, else DEFAULT_BACKEND (one of
+    """The backend asked for: `name`, else $RESMEMNET_BACKEND, else default_backend() (one of
     CHOICES); BackendError if it is unknown, or onnxruntime without its engine installed."""
-    name = backend_setting(name, default=DEFAULT_BACKEND)
+    name = backend_setting(name, default=default_backend())
     if name not in CHOICES:
         raise BackendError(f"unknown backend {name!r}; choose from {', '.join(CHOICES)}")
     if name == "onnxruntime" and not engine_installed():
-        raise BackendError("the onnxruntime backend needs onnx and onnxruntime: pip install 'resmemnet[engines]'")
+        raise BackendError("the onnxruntime backend needs onnxruntime: pip install onnxruntime (or 'resmemnet[engines]')")
     return name
 
 
@@ -94,7 +104,7 @@ class OnnxRuntimeRunner:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, options: OrtOptions = OrtOptions(), *,
-                 onnx_sha256: str | None = None, profiles: tuple[str, ...] = ()):
+                 onnx_sha256: str | None = None, profiles: tuple[str, ...] = (), outputs: dict | None = None):
         import onnxruntime as ort
 
         from .export import INPUT_NAME, OUTPUT_NAME
@@ -115,10 +125,13 @@ class OnnxRuntimeRunner:
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
         # the columns of the export's `profile_scores` output (its sidecar's profile_output.profiles)
         self.profile_names = tuple(profiles)
+        # the export's Grad-RAM outputs (model/slim_heatmap.py): {} for an export without them
+        self.heatmap_outputs = dict(outputs or {})
         optimized = None
         if onnx_sha256 and options.optimization == "all":
-            optimized = Path(onnx_path).with_name(
-                f"{Path(onnx_path).stem}.ort-{ort.__version__}-{cpu_identity()}.onnx")
+            optimized = _optimized_path(Path(onnx_path), f"{Path(onnx_path).stem}.ort-{ort.__version__}-"
+                                                         f"{cpu_identity()}.onnx")
+        if optimized is not None:
             if _valid_optimized(optimized, onnx_sha256):
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 self.path = str(optimized)
@@ -174,6 +187,23 @@ def cpu_identity() -> str:
     return hashlib.sha256("|".join(lines).encode()).hexdigest()[:12]
 
 
+def _optimized_path(onnx_path: Path, name: str) -> Path | None:
+    """Where the optimised graph is kept: beside the export, else (a read-only folder, e.g. the slim
+    image's built-in export) in the cache folder; None where neither can be written (no cache)."""
+    from .filecache import cache_dir
+
+    for folder in (onnx_path.parent, cache_dir() / "onnx"):
+        if (folder / name).is_file() or os.access(folder, os.W_OK):
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder / name
+        except OSError:
+            continue
+    return None
+
+
 def _valid_optimized(path: Path, source_sha256: str) -> bool:
     from .filecache import verified_sha256
 
@@ -199,13 +229,41 @@ def _keep_optimized(tmp: Path, final: Path, source_sha256: str) -> None:
         pass
 
 
-def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOptions()) -> OnnxRuntimeRunner:
-    """A runner over the checkpoint's cached ONNX export (exported first if needed)."""
+def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOptions(), *,
+                       onnx: str | os.PathLike | None = None) -> OnnxRuntimeRunner:
+    """A runner over the checkpoint's ONNX export, the first of: `onnx` (else $RESMEMNET_ONNX), a
+    file that `resmemnet export --format onnx` wrote for exactly this checkpoint (its sidecar's
+    hashes are checked, model.export.prebuilt_onnx); an export of this checkpoint in the cache
+    folder (found by the hashes, no torch needed); with torch installed, the cached export made
+    now (model.export.cached_onnx). BackendError (one line) when none fits."""
+    from .environment import env_value, torch_available
     from .export import ExportError, cached_onnx
+    from .prebuilt import find_cached_export, prebuilt_onnx
 
+    onnx = onnx or env_value("onnx")
     try:
-        export = cached_onnx(weights)
-        profiles = (export.info["onnx"].get("profile_output") or {}).get("profiles", ())
-        return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"], profiles=profiles)
+        if onnx:
+            export = prebuilt_onnx(onnx, weights)
+        elif torch_available():
+            export = cached_onnx(weights)
+        else:
+            export = find_cached_export(weights)
+            if export is None:
+                raise BackendError(
+                    "without torch the onnxruntime backend needs the checkpoint's ONNX export: set RESMEMNET_ONNX "
+                    "(or --onnx) to the file `resmemnet export --format onnx --out FILE.onnx` wrote where torch is "
+                    "installed (the slim image has one built in)")
+        return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"],
+                                 profiles=export_profiles(export.info), outputs=export_outputs(export.info))
     except ExportError as exc:
         raise BackendError(f"the onnxruntime backend cannot run this checkpoint: {exc}") from None
+
+
+def export_profiles(info: dict) -> tuple[str, ...]:
+    """The profile names of an export's `profile_scores` columns (its sidecar), () without them."""
+    return tuple((info["onnx"].get("profile_output") or {}).get("profiles", ()))
+
+
+def export_outputs(info: dict) -> dict:
+    """The sidecar's description of the export's extra outputs (model/slim_heatmap.py), {} without."""
+    return dict(info["onnx"].get("heatmap_outputs") or {})
