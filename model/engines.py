@@ -231,11 +231,19 @@ def _keep_optimized(tmp: Path, final: Path, source_sha256: str) -> None:
 
 def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOptions(), *,
                        onnx: str | os.PathLike | None = None) -> OnnxRuntimeRunner:
-    """A runner over the checkpoint's ONNX export, the first of: `onnx` (else $RESMEMNET_ONNX), a
-    file that `resmemnet export --format onnx` wrote for exactly this checkpoint (its sidecar's
-    hashes are checked, model.export.prebuilt_onnx); an export of this checkpoint in the cache
-    folder (found by the hashes, no torch needed); with torch installed, the cached export made
-    now (model.export.cached_onnx). BackendError (one line) when none fits."""
+    """A runner over the checkpoint's ONNX export (find_export). BackendError (one line) when
+    there is none that fits."""
+    export = find_export(weights, onnx=onnx)
+    return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"],
+                             profiles=export_profiles(export.info), outputs=export_outputs(export.info))
+
+
+def find_export(weights: str | os.PathLike, *, onnx: str | os.PathLike | None = None):
+    """The checkpoint's ONNX export (model.export.OnnxExport), the first of: `onnx` (else
+    $RESMEMNET_ONNX), a file that `resmemnet export --format onnx` wrote for exactly this checkpoint
+    (its sidecar's hashes are checked, model.prebuilt.prebuilt_onnx); with torch installed, the
+    cached export, made now if needed (model.export.cached_onnx); without torch, an export of this
+    checkpoint in the cache folder (found by the hashes). BackendError (one line) otherwise."""
     from .environment import env_value, torch_available
     from .export import ExportError, cached_onnx
     from .prebuilt import find_cached_export, prebuilt_onnx
@@ -243,20 +251,18 @@ def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOpti
     onnx = onnx or env_value("onnx")
     try:
         if onnx:
-            export = prebuilt_onnx(onnx, weights)
-        elif torch_available():
-            export = cached_onnx(weights)
-        else:
-            export = find_cached_export(weights)
-            if export is None:
-                raise BackendError(
-                    "without torch the onnxruntime backend needs the checkpoint's ONNX export: set RESMEMNET_ONNX "
-                    "(or --onnx) to the file `resmemnet export --format onnx --out FILE.onnx` wrote where torch is "
-                    "installed (the slim image has one built in)")
-        return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"],
-                                 profiles=export_profiles(export.info), outputs=export_outputs(export.info))
+            return prebuilt_onnx(onnx, weights)
+        if torch_available():
+            return cached_onnx(weights)
+        export = find_cached_export(weights)
     except ExportError as exc:
         raise BackendError(f"the onnxruntime backend cannot run this checkpoint: {exc}") from None
+    if export is None:
+        raise BackendError(
+            "without torch the onnxruntime backend needs the checkpoint's ONNX export: set RESMEMNET_ONNX "
+            "(or --onnx) to the file `resmemnet export --format onnx --out FILE.onnx` wrote where torch is "
+            "installed (the slim image has one built in)")
+    return export
 
 
 def export_profiles(info: dict) -> tuple[str, ...]:

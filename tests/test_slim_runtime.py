@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_image
+from conftest import REPO, free_port, make_image
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -199,18 +199,21 @@ def test_commands_that_need_torch_fail_with_one_line(export, photos, tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RESMEMNET_")}
     env["RESMEMNET_CACHE_DIR"] = str(tmp_path / "empty-cache")
     cli = NO_TORCH + "from app.cli import main; sys.exit(main(sys.argv[1:]))"
-    cases = {
-        "train": ["train", "--out", str(tmp_path / "run")],
-        "export": ["export", "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--weights", str(ckpt)],
-        "torch backend": ["score", str(photos[0]), "--weights", str(ckpt), "--backend", "torch"],
-        "no export": ["score", str(photos[0]), "--weights", str(ckpt)],  # no --onnx, nothing in the cache
+    cases = {  # what is run: (argv, what its one line names)
+        "train": (["train", "--out", str(tmp_path / "run")], "torch"),
+        "export": (["export", "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--weights", str(ckpt)], "torch"),
+        "torch backend": (["score", str(photos[0]), "--weights", str(ckpt), "--backend", "torch"], "torch"),
+        "no export": (["score", str(photos[0]), "--weights", str(ckpt)], "RESMEMNET_ONNX"),  # nothing in the cache
+        "layer3": (["heatmap", str(photos[0]), "-o", str(tmp_path / "maps"), "--weights", str(ckpt), "--onnx", str(onnx),
+                    "--layer", "layer3"], "layer4 only"),
+        "serve, missing export": (["serve", "--weights", str(ckpt), "--port", str(free_port()),
+                                   "--onnx", str(tmp_path / "missing.onnx")], "sidecar"),
     }
-    for what, argv in cases.items():
+    for what, (argv, named) in cases.items():
         r = run_without_torch(cli, *argv, env=env, timeout=120)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1, (what, r.returncode, r.stderr[-2000:])
-        assert lines[0].startswith("resmemnet") and "error:" in lines[0], (what, lines)
-        assert ("torch" in lines[0] if what != "no export" else "RESMEMNET_ONNX" in lines[0]), (what, lines)
+        assert lines[0].startswith("resmemnet") and "error:" in lines[0] and named in lines[0], (what, lines)
     r = run_without_torch(cli, "score", photos[0], "--weights", ckpt, "--onnx", onnx, "--no-progress", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[0].startswith("path,score")

@@ -108,6 +108,12 @@ def check_startup(settings) -> str | None:
                     "onnxruntime (or pip install 'resmemnet[torch]')")
         if settings.device not in ("auto", "cpu"):
             return f"device {settings.device!r} needs torch, which is not installed here: use auto or cpu"
+        from model.engines import BackendError, find_export
+
+        try:  # a missing, modified or mismatched export: one line now, not a service that never gets ready
+            find_export(settings.weights, onnx=settings.onnx or None)
+        except BackendError as exc:
+            return f"cannot serve {settings.weights}: {exc}"
         return None
     from model.devices import resolve_device
 
