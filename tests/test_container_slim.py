@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO, free_port
 from docker_support.engine import EngineUnavailable
 from docker_support.pip_index import pip_secret
-from docker_support.project import wait_healthy, wait_ready
+from docker_support.project import ComposeProject, wait_healthy, wait_ready
 from docker_support.standins import build_standins
 from test_container_run import (PHOTOS, REPORT, WEIGHTS, engine, host_score, host_scorer, png_array,  # noqa: F401
                                 post, unavailable)
@@ -143,3 +143,26 @@ def test_slim_image_is_small_torch_free_and_answers_like_the_host(engine, slim_i
         assert httpx.get(base + "/metrics", timeout=10).status_code == 200
     finally:
         engine.run("rm", "--force", name, check=False)
+
+
+def test_compose_slim_profile_serves_and_a_missing_export_is_one_line(engine, slim_images):
+    """`docker compose --profile slim up resmemnet-slim` comes up and scores; the slim image with an
+    export that is not there exits 2 with one line before it loads anything."""
+    port = free_port()
+    project = ComposeProject(engine, {"RESMEMNET_SLIM_IMAGE": slim_images["slim"], "TEST_SERVICE_PORT": str(port),
+                                      "RESMEMNET_AUTH": "off"})
+    started = time.monotonic()
+    project("--profile", "slim", "up", "--detach", "--no-build", "--pull", "never", "resmemnet-slim")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(engine, project.container("resmemnet-slim"), base)
+        REPORT["compose_slim_ready_s"] = round(time.monotonic() - started, 1)
+        r = post(base, "/score", "a.jpg", PHOTOS["a.jpg"])
+        assert r.status_code == 200 and 0.0 <= r.json()["score"] <= 1.0, r.text
+    finally:
+        project.down()
+    r = engine.run("run", "--rm", "--network", "none", "--env", "RESMEMNET_AUTH=off", "--env",
+                   "RESMEMNET_ONNX=/opt/resmemnet/onnx/missing.onnx", slim_images["slim"], check=False, timeout=120)
+    lines = [line for line in (r.stdout or "").splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, lines)
+    assert lines[0].startswith("resmemnet serve: error: ") and "missing.onnx" in lines[0], lines
