@@ -162,7 +162,7 @@ class Scorer:
         """path: the checkpoint's .json (default: model.environment.default_weights()).
         backend: "torch" | "onnxruntime" | "auto" (model.engines.pick_backend; torch if ONNX Runtime
         cannot run the checkpoint; onnxruntime where torch is not installed) | None
-        ($RESMEMNET_BACKEND, else model.engines.DEFAULT_BACKEND). threads: ONNX Runtime's intra-op
+        ($RESMEMNET_BACKEND, else model.engines.default_backend(): torch, onnxruntime without it). threads: ONNX Runtime's intra-op
         threads (None: torch's setting where torch is loaded, else ONNX Runtime's default). onnx: the
         export the onnxruntime backend runs (default $RESMEMNET_ONNX, else the cache:
         model.engines.onnxruntime_runner).
