@@ -28,7 +28,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[train,trunks,dev,engines]"
+	$(PY) -m pip install -q -e ".[torch,train,trunks,dev,engines]"
 	touch $@
 
 # Installs SYSTEM_PACKAGES that are missing, where apt-get is available (as root, or through sudo).

@@ -3,7 +3,7 @@
 Requests live on the event loop; the model runs in ONE dedicated worker thread, so the loop
 never blocks and the model never runs two batches at once. Queued images are grouped by
 tensor shape (the resize policy gives a small set of shapes), so a batch is a plain
-`torch.stack` with no padding and an image's score does not depend on its batch mates.
+stack (model.preprocess.stack_inputs: numpy arrays or torch tensors) with no padding and an image's score does not depend on its batch mates.
 
 Scheduling: a batch runs at once when a group reaches `max_batch_size`, otherwise as soon as
 the oldest image has waited `max_wait_s`. The largest group goes first (bigger batches, more
@@ -33,9 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
-
 from model.errors import ResMemNetError
+from model.preprocess import stack_inputs
 
 log = logging.getLogger("resmemnet.batcher")
 
@@ -326,7 +325,7 @@ class DynamicBatcher:
 
     def _forward(self, tensors: list[torch.Tensor], profiles: list[str]) -> list[float]:
         """Each image's score in its own profile, from one pass over the stacked batch."""
-        scores = self.score_batch(torch.stack(tensors), profiles)
+        scores = self.score_batch(stack_inputs(tensors), profiles)
         scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
         if len(scores) != len(tensors):
             raise RuntimeError(f"the model returned {len(scores)} scores for {len(tensors)} images")

@@ -314,10 +314,11 @@ async def heatmap(
     state.require_ready()
     profile = _profile(state, profile)
     from model import overlay
-    from model.gradram import parse_layers
+    from model.heatmaps import parse_layers
 
     try:
         layers = None if layer is None else parse_layers(layer)
+        state.scorer.heatmap_layers(layers)  # the torch-free runtime draws layer4 only: say so before any work
     except ValueError as exc:
         raise ServiceError("invalid_request", f"layer: {exc}") from None
     _check_colormap(colormap)
@@ -340,12 +341,12 @@ async def heatmap(
             else:
                 png = overlay.heatmap_png(result.heatmap, colormap=colormap)
             state.metrics.heatmap_time.observe(time.perf_counter() - t0)
-            return result.score, png
+            return result.score, tuple(getattr(result, "layers", ())), png
 
         job = state.heatmap_pool.submit(work)
         slot.hand_over(job)
         try:
-            score_value, png = await _await_deadline(asyncio.wrap_future(job), deadline)
+            score_value, used_layers, png = await _await_deadline(asyncio.wrap_future(job), deadline)
         except ValueError as exc:  # an option the overlay code refuses, e.g. an unknown colormap
             raise ServiceError("invalid_request", str(exc)) from None
     finally:
@@ -354,6 +355,7 @@ async def heatmap(
     headers = {
         "X-Memorability-Score": f"{score_value:.8f}",
         "X-Profile": profile,
+        "X-Heatmap-Layers": ",".join(used_layers),  # the torch-free runtime draws layer4 only
         "X-Percentile": "" if percentile is None else f"{percentile:g}",
         "X-Warnings": ",".join(decoded.input.warnings),
         "X-Model": f"{state.model_info['name']}@{state.model_info['version']}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
-from model.engines import BACKENDS, DEFAULT_BACKEND
+from model.engines import BACKENDS, default_backend
 from model.environment import ENV_PREFIX, PRECISIONS, env_name, env_value  # noqa: F401  (ENV_PREFIX: for callers)
 from model.errors import InputError
 
@@ -47,9 +47,14 @@ class ServiceSettings:
     precision: str = field(default="auto", metadata=_doc(
         "the trunk's precision: `auto` (as `mixed_precision` says), `fp32`, `bf16` or `fp16` (forced, also where the "
         "CPU only emulates it: slower, for tests). The command line reads the same variable"))
-    backend: str = field(default=DEFAULT_BACKEND, metadata=_doc(
-        "inference engine: `torch`, `onnxruntime` (the model's ONNX export on the CPU, fp32, scores within 1e-3 of "
-        "torch fp32; needs the `engines` extra) or `auto` (onnxruntime on a CPU where installed). Heatmaps use torch"))
+    backend: str = field(default_factory=default_backend, metadata=_doc(
+        "inference engine: `torch` (the default where torch is installed), `onnxruntime` (the model's ONNX export on "
+        "the CPU, fp32, scores within 1e-3 of torch fp32; the default without torch: the slim image, `pip install "
+        "resmemnet`) or `auto` (onnxruntime on a CPU where installed). Heatmaps use torch where it is installed"))
+    onnx: str = field(default="", metadata=_doc(
+        "the ONNX export the onnxruntime backend runs (`resmemnet export --format onnx` wrote it, with its sidecar "
+        "JSON beside it; checked against the checkpoint by sha256). Empty: the export of this checkpoint in the "
+        "cache, made there on first use where torch is installed"))
     warmup: bool = field(default=True, metadata=_doc("run warm-up forward passes before /readyz says ready"))
     torch_threads: int = field(default=0, metadata=_doc("torch intra-op threads (0: torch's default, one per core). On a small CPU "
                                          "serving a small model, 1 can be much faster (README)"))
@@ -169,6 +174,8 @@ class ServiceSettings:
         for f in fields(cls):
             if f.name == "weights":
                 default = "`weights/resmemnet-default.json`"
+            elif f.name == "backend":
+                default = "`torch` (`onnxruntime` without torch)"
             else:
                 value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
                 default = f"`{str(value).lower() if isinstance(value, bool) else value}`"

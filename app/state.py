@@ -98,19 +98,23 @@ class ServiceState:
     def _load_scorer(self) -> Scorer:
         from model.scoring import Scorer
 
-        configure_torch_threads(self.settings.torch_threads)
+        from model.engines import check_backend
+        from model.environment import torch_available
+
+        # torch's threads (not imported for the onnxruntime backend, which is told its own)
+        if check_backend(self.settings.backend) != "onnxruntime" and torch_available():
+            configure_torch_threads(self.settings.torch_threads)
         return Scorer.from_checkpoint(self.settings.weights, device=self.settings.device,
                                       mixed_precision=self.settings.mixed_precision, precision=self.settings.precision,
-                                      max_batch=self.settings.max_batch_size, backend=self.settings.backend)
+                                      max_batch=self.settings.max_batch_size, backend=self.settings.backend,
+                                      threads=self.settings.torch_threads or None, onnx=self.settings.onnx or None)
 
     async def _warm_up(self) -> None:
         """Run the common input shapes once (single and batched) so first requests pay no set-up cost."""
-        import torch
-
         sizes = sorted({1, min(4, self.settings.max_batch_size)})
         for shape in self.scorer.typical_input_shapes():
             for n in sizes:
-                tensors = [torch.full(shape, 0.5) for _ in range(n)]
+                tensors = [self.scorer.filled_input(shape, 0.5) for _ in range(n)]
                 with self.batcher.admit(n) as admission:
                     futures = admission.submit(tensors)
                 results = await asyncio.gather(*futures)

@@ -12,15 +12,19 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .config import ResMemNetConfig
 from .environment import default_weights
 from .errors import ModelFileError
 from .filecache import sha256_file
-from .network import ResMemNet, ResMemNetConfig, load_source_weights
 from .preprocess import Preprocessing
 from .trunks import TrunkLoadError, TrunkSource
+
+if TYPE_CHECKING:  # reading the metadata (read_meta) needs no torch; the weights do
+    import torch
+
+    from .network import ResMemNet
 
 FORMAT = "resmemnet-checkpoint/1"
 
@@ -174,6 +178,8 @@ def load_checkpoint(path: str | os.PathLike | None = None, *, map_location: str 
     file's sha256, the trunk's and every shape."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .network import ResMemNet, load_source_weights
 
     json_path = _json_path(default_weights() if path is None else path)
     meta = read_meta(json_path)

@@ -3,8 +3,8 @@
 
 Both take the same preprocessed batch, float32 (B, 3, H, W) RGB in [0, 1], and give (B,)
 float32 scores; ONNX Runtime's fp32 scores equal torch's fp32 ones within 1e-3 (tests). The
-engine only replaces the forward pass: decoding, batching and heatmaps (Grad-RAM needs
-gradients, so always torch) are the same for both.
+engine only replaces the forward pass: decoding and batching are the same for both; ONNX Runtime
+scores every profile from the export's `profile_scores` output.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ BACKENDS = ("torch", "onnxruntime")
 # asked for), or without the engine.
 CHOICES = ("auto", *BACKENDS)
 # The library's and the service's default (Scorer.from_checkpoint without a backend and without
-# $RESMEMNET_BACKEND, RESMEMNET_BACKEND in app/settings.py); `resmemnet score` defaults to CLI_DEFAULT_BACKEND.
+# $RESMEMNET_BACKEND, RESMEMNET_BACKEND in app/settings.py) where torch is installed; without torch
+# (`pip install resmemnet`, the slim image) it is onnxruntime (default_backend).
+# `resmemnet score` defaults to CLI_DEFAULT_BACKEND.
 DEFAULT_BACKEND = "torch"
 CLI_DEFAULT_BACKEND = "auto"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -35,19 +37,27 @@ class BackendError(InputError):
 
 
 def engine_installed() -> bool:
+    """ONNX Runtime is installed (scoring an export needs nothing else; exporting also needs torch and onnx)."""
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def default_backend() -> str:
+    """DEFAULT_BACKEND where torch is installed, else onnxruntime (the torch-free runtime)."""
+    from .environment import torch_available
+
+    return DEFAULT_BACKEND if torch_available() else "onnxruntime"
 
 
 def check_backend(name: str | None) -> str:
-    """The backend asked for: `name`, else $RESMEMNET_BACKEND, else DEFAULT_BACKEND (one of
+    """The backend asked for: `name`, else $RESMEMNET_BACKEND, else default_backend() (one of
     CHOICES); BackendError if it is unknown, or onnxruntime without its engine installed."""
-    name = backend_setting(name, default=DEFAULT_BACKEND)
+    name = backend_setting(name, default=default_backend())
     if name not in CHOICES:
         raise BackendError(f"unknown backend {name!r}; choose from {', '.join(CHOICES)}")
     if name == "onnxruntime" and not engine_installed():
-        raise BackendError("the onnxruntime backend needs onnx and onnxruntime: pip install 'resmemnet[engines]'")
+        raise BackendError("the onnxruntime backend needs onnxruntime: pip install onnxruntime (or 'resmemnet[engines]')")
     return name
 
 
@@ -94,7 +104,7 @@ class OnnxRuntimeRunner:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, options: OrtOptions = OrtOptions(), *,
-                 onnx_sha256: str | None = None):
+                 onnx_sha256: str | None = None, profiles: tuple[str, ...] = (), outputs: dict | None = None):
         import onnxruntime as ort
 
         from .export import INPUT_NAME, OUTPUT_NAME
@@ -113,10 +123,15 @@ class OnnxRuntimeRunner:
         self.options = options
         self.path = str(onnx_path)
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
+        # the columns of the export's `profile_scores` output (its sidecar's profile_output.profiles)
+        self.profile_names = tuple(profiles)
+        # the export's Grad-RAM outputs (model/slim_heatmap.py): {} for an export without them
+        self.heatmap_outputs = dict(outputs or {})
         optimized = None
         if onnx_sha256 and options.optimization == "all":
-            optimized = Path(onnx_path).with_name(
-                f"{Path(onnx_path).stem}.ort-{ort.__version__}-{cpu_identity()}.onnx")
+            optimized = _optimized_path(Path(onnx_path), f"{Path(onnx_path).stem}.ort-{ort.__version__}-"
+                                                         f"{cpu_identity()}.onnx")
+        if optimized is not None:
             if _valid_optimized(optimized, onnx_sha256):
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 self.path = str(optimized)
@@ -138,8 +153,22 @@ class OnnxRuntimeRunner:
     def __call__(self, batch):
         import numpy as np
 
+        return self.run([self.output_name], batch)[0]
+
+    def run(self, names, batch) -> list:
+        """The named graph outputs for one (B, 3, H, W) batch, float32 ndarrays."""
+        import numpy as np
+
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
+        return [out.astype(np.float32, copy=False) for out in self.session.run(list(names), {self.input_name: batch})]
+
+    def profile_table(self, batch, names) -> "np.ndarray":
+        """(B, 3, H, W) -> (B, len(names)) float32 scores of the named profiles, from the export's
+        `profile_scores` output (one pass; KeyError for a profile it has no column of)."""
+        from .export import PROFILES_OUTPUT
+
+        table = self.run([PROFILES_OUTPUT], batch)[0]
+        return table[:, [self.profile_names.index(n) for n in names]]
 
 
 def cpu_identity() -> str:
@@ -156,6 +185,23 @@ def cpu_identity() -> str:
         pass
     lines += [platform.machine(), platform.processor()]
     return hashlib.sha256("|".join(lines).encode()).hexdigest()[:12]
+
+
+def _optimized_path(onnx_path: Path, name: str) -> Path | None:
+    """Where the optimised graph is kept: beside the export, else (a read-only folder, e.g. the slim
+    image's built-in export) in the cache folder; None where neither can be written (no cache)."""
+    from .filecache import cache_dir
+
+    for folder in (onnx_path.parent, cache_dir() / "onnx"):
+        if (folder / name).is_file() or os.access(folder, os.W_OK):
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder / name
+        except OSError:
+            continue
+    return None
 
 
 def _valid_optimized(path: Path, source_sha256: str) -> bool:
@@ -183,12 +229,47 @@ def _keep_optimized(tmp: Path, final: Path, source_sha256: str) -> None:
         pass
 
 
-def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOptions()) -> OnnxRuntimeRunner:
-    """A runner over the checkpoint's cached ONNX export (exported first if needed)."""
-    from .export import ExportError, cached_onnx
+def onnxruntime_runner(weights: str | os.PathLike, options: OrtOptions = OrtOptions(), *,
+                       onnx: str | os.PathLike | None = None) -> OnnxRuntimeRunner:
+    """A runner over the checkpoint's ONNX export (find_export). BackendError (one line) when
+    there is none that fits."""
+    export = find_export(weights, onnx=onnx)
+    return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"],
+                             profiles=export_profiles(export.info), outputs=export_outputs(export.info))
 
+
+def find_export(weights: str | os.PathLike, *, onnx: str | os.PathLike | None = None):
+    """The checkpoint's ONNX export (model.export.OnnxExport), the first of: `onnx` (else
+    $RESMEMNET_ONNX), a file that `resmemnet export --format onnx` wrote for exactly this checkpoint
+    (its sidecar's hashes are checked, model.prebuilt.prebuilt_onnx); with torch installed, the
+    cached export, made now if needed (model.export.cached_onnx); without torch, an export of this
+    checkpoint in the cache folder (found by the hashes). BackendError (one line) otherwise."""
+    from .environment import env_value, torch_available
+    from .export import ExportError, cached_onnx
+    from .prebuilt import find_cached_export, prebuilt_onnx
+
+    onnx = onnx or env_value("onnx")
     try:
-        export = cached_onnx(weights)
-        return OnnxRuntimeRunner(export.path, options, onnx_sha256=export.info["onnx"]["sha256"])
+        if onnx:
+            return prebuilt_onnx(onnx, weights)
+        if torch_available():
+            return cached_onnx(weights)
+        export = find_cached_export(weights)
     except ExportError as exc:
         raise BackendError(f"the onnxruntime backend cannot run this checkpoint: {exc}") from None
+    if export is None:
+        raise BackendError(
+            "without torch the onnxruntime backend needs the checkpoint's ONNX export: set RESMEMNET_ONNX "
+            "(or --onnx) to the file `resmemnet export --format onnx --out FILE.onnx` wrote where torch is "
+            "installed (the slim image has one built in)")
+    return export
+
+
+def export_profiles(info: dict) -> tuple[str, ...]:
+    """The profile names of an export's `profile_scores` columns (its sidecar), () without them."""
+    return tuple((info["onnx"].get("profile_output") or {}).get("profiles", ()))
+
+
+def export_outputs(info: dict) -> dict:
+    """The sidecar's description of the export's extra outputs (model/slim_heatmap.py), {} without."""
+    return dict(info["onnx"].get("heatmap_outputs") or {})

@@ -89,3 +89,26 @@ def installed_version(package: str = "resmemnet") -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
+
+
+def torch_available() -> bool:
+    """Whether torch can be imported here, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_torch(what: str):
+    """The torch module, or model.errors.TorchMissingError (one line, exit status 2) saying that
+    `what` needs it and how to install it."""
+    try:
+        import torch
+    except ImportError:
+        from .errors import TorchMissingError
+
+        raise TorchMissingError(f"{what} needs torch, which is not installed here: pip install 'resmemnet[torch]' "
+                                "(the onnxruntime backend scores without it)") from None
+    return torch

@@ -29,3 +29,8 @@ class InputError(ResMemNetError, ValueError):
 
 class ModelFileError(ResMemNetError, RuntimeError):
     """A model file (checkpoint, trunk weights, export) that is missing, corrupt or does not fit."""
+
+
+class TorchMissingError(ResMemNetError, RuntimeError):
+    """Something that needs torch (training, export, the torch backend, some heatmaps) in an
+    install without it (`pip install resmemnet` is the torch-free runtime)."""

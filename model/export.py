@@ -6,7 +6,8 @@ is exported with it. Input `image`: float32 (batch, 3, H, W) RGB in [0, 1], H an
 checkpoint's input size (dynamic when its resize policy keeps the aspect ratio); output `score`:
 float32 (batch,) in [0, 1], the default profile; for a ResMem-Net also `profile_scores`: float32
 (batch, P), every score profile (model/profiles.py) one column each, their names in the sidecar
-(`onnx.profile_output.profiles`, default first). A JSON sidecar names the checkpoint and the
+(`onnx.profile_output.profiles`, default first); for a readout head also `layer4_cams`, the raw
+layer-4 Grad-RAM map of every profile (model/slim_heatmap.py: the torch-free /heatmap). A JSON sidecar names the checkpoint and the
 sha256 of every file the export came from. Exported files are big (the trunk's weights) and never shipped: they are
 built from the installed trunk on first use and kept in cache_dir()/onnx.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 from .errors import ModelFileError
 from .filecache import cache_dir, sha256_file, verified_sha256
 
-FORMAT = "resmemnet-onnx/2"  # /2: the profile_scores output
+FORMAT = "resmemnet-onnx/3"  # /2: the profile_scores output; /3: layer4_cams (model/slim_heatmap.py)
 INPUT_NAME, OUTPUT_NAME = "image", "score"
 PROFILES_OUTPUT = "profile_scores"
 OPSET = 17
@@ -92,12 +93,14 @@ def cache_key(identity: dict) -> str:
 
 
 def _profile_graph(model):
-    """A ResMem-Net as (score, every profile's score): the head's outputs once, each profile one
-    column (the same element-wise ops as the torch model). None for any other module."""
+    """A ResMem-Net as (score, every profile's score[, their layer-4 Grad-RAM maps]): the head's
+    outputs once, each profile one column (the same element-wise ops as the torch model), and for
+    a readout head the maps of model/slim_heatmap.py. None for any other module."""
     import torch
     from torch import nn
 
     from .profiles import profile_names, profile_score
+    from .slim_heatmap import cam_module
 
     if not (hasattr(model, "cfg") and hasattr(model, "forward_features") and hasattr(model.cfg, "output_names")):
         return None
@@ -107,11 +110,15 @@ def _profile_graph(model):
             super().__init__()
             self.net = net
             self.names = profile_names(net.cfg)
+            self.cams = cam_module(net, self.names)
 
         def forward(self, images):
-            outputs = self.net.head.outputs(self.net.forward_features(images))
+            pooled, fmap = self.net.forward_features(images, keep_maps=True)
+            outputs = self.net.head.outputs(pooled)
             table = torch.stack([profile_score(outputs, self.net.cfg, p) for p in self.names], dim=1)
-            return table[:, 0], table
+            if self.cams is None:
+                return table[:, 0], table
+            return table[:, 0], table, self.cams(outputs, fmap)
 
     return ProfileGraph(model).eval()  # eval: the exporter restores the wrapper's mode on everything inside it
 
@@ -134,14 +141,14 @@ def export_onnx(model, preprocessing, out: str | os.PathLike, *, checkpoint: dic
     graph = _profile_graph(model)
     example = torch.rand(2, 3, *example_hw, generator=torch.Generator().manual_seed(0))
     axes = {0: "batch"} if height else {0: "batch", 2: "height", 3: "width"}
-    names = [OUTPUT_NAME] + ([PROFILES_OUTPUT] if graph is not None else [])
+    names = _output_names(graph)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter: exact for these ops, seconds not minutes, and no onnxscript.
             warnings.simplefilter("ignore")
             torch.onnx.export(graph if graph is not None else model, (example,), str(tmp), input_names=[INPUT_NAME],
-                              output_names=names, dynamic_axes={INPUT_NAME: axes, **{n: {0: "batch"} for n in names}},
+                              output_names=names, dynamic_axes={INPUT_NAME: axes, **_output_axes(names, height)},
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
         if verify:
             _verify(model, tmp, example, graph)
@@ -167,6 +174,10 @@ def export_onnx(model, preprocessing, out: str | os.PathLike, *, checkpoint: dic
         info["onnx"]["profile_output"] = {"name": PROFILES_OUTPUT, "dtype": "float32",
                                           "shape": ["batch", len(graph.names)], "profiles": list(graph.names),
                                           "meaning": "every score profile's score in [0, 1], one column each"}
+        if graph.cams is not None:
+            from .slim_heatmap import output_info
+
+            info["onnx"]["heatmap_outputs"] = output_info(graph.names)
     _write_json(sidecar_path(out), info)
     return OnnxExport(out, info)
 
@@ -180,15 +191,36 @@ def _verify(model, onnx_path: Path, example, graph=None) -> None:
     import torch
 
     with torch.no_grad():
-        expected = [model(example).numpy()] + ([graph(example)[1].numpy()] if graph is not None else [])
+        expected = [model(example).numpy()] + ([t.numpy() for t in graph(example)[1:]] if graph is not None else [])
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [OUTPUT_NAME] + ([PROFILES_OUTPUT] if graph is not None else [])
+    names = _output_names(graph)
     for got, want in zip(session.run(names, {INPUT_NAME: example.numpy()}), expected):
-        if got.shape != want.shape or not np.allclose(got, want, atol=EXPORT_TOLERANCE, rtol=0):
+        # the raw maps are unbounded: their tolerance is relative to their largest magnitude
+        atol = EXPORT_TOLERANCE * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
+        if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=0):
             diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
             raise ExportError(f"the exported graph does not reproduce the model (shapes {got.shape} vs "
                               f"{want.shape}, largest difference {diff:.2e}); this architecture does not "
                               "trace to ONNX")
+
+
+def _output_axes(names: list[str], height) -> dict:
+    """Every output's dynamic batch axis, and the maps' height and width where the input's vary."""
+    from .slim_heatmap import CAMS_OUTPUT
+
+    axes = {n: {0: "batch"} for n in names}
+    if CAMS_OUTPUT in axes and not height:
+        axes[CAMS_OUTPUT].update({2: "map_height", 3: "map_width"})
+    return axes
+
+
+def _output_names(graph) -> list[str]:
+    """The export's outputs: `score`, then for a ResMem-Net `profile_scores` and maybe `layer4_cams`."""
+    if graph is None:
+        return [OUTPUT_NAME]
+    from .slim_heatmap import CAMS_OUTPUT
+
+    return [OUTPUT_NAME, PROFILES_OUTPUT] + ([CAMS_OUTPUT] if graph.cams is not None else [])
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -13,48 +13,13 @@ stage's output becomes a fresh leaf tensor, the rest of the network runs with au
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Iterable
 
-import numpy as np
 import torch
 
+from .heatmaps import (FLAT_INPUT_RANGE, RELATIVE_EMPTY, STAGES, HeatmapResult, combine,  # noqa: F401  (re-exported)
+                       parse_layers, stage_stride)
 from .network import global_pool, profile_score, run_block_fp32
-
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-# A map whose positive part is this small relative to its largest magnitude is rounding noise
-# (all evidence negative); it is returned as an empty (all-zero) map instead of amplified noise.
-RELATIVE_EMPTY = 1e-5
-# An input whose every channel varies by less than this has no spatial content; the network's
-# only spatial response to it is zero-padding at the borders, so its map is defined as empty.
-FLAT_INPUT_RANGE = 0.5 / 255
-
-
-@dataclass
-class HeatmapResult:
-    """One image's heatmap at its original (upright) size, and the model's score for it."""
-
-    score: float
-    heatmap: np.ndarray  # float32 (height, width) in [0, 1]
-    layers: tuple[str, ...] = STAGES[-1:]
-    input_size: tuple[int, int] = (0, 0)  # (width, height) of the network input
-    profile: str = "default"  # the score profile the map explains and `score` is of
-
-
-def parse_layers(spec: str | Iterable[str]) -> tuple[str, ...]:
-    """'layer4' | 'all' | 'layer3,layer4' | ['layer3', 'layer4'] -> stage names, shallow to deep."""
-    if isinstance(spec, str):
-        if spec.strip().lower() == "all":
-            return STAGES
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-    else:
-        items = [str(s).strip() for s in spec]
-    unknown = [s for s in items if s not in STAGES]
-    if unknown or not items:
-        raise ValueError(f"unknown layer {', '.join(unknown) or repr(spec)}; "
-                         f"use one of {', '.join(STAGES)}, a comma list of them, or 'all'")
-    return tuple(s for s in STAGES if s in items)
 
 
 def _model_device(model) -> torch.device:
@@ -149,58 +114,6 @@ def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",),
         return cams, scores.detach().float()
 
 
-def stage_stride(name: str) -> int:
-    """Input pixels per feature cell of a ResNet stage: 4, 8, 16, 32."""
-    return 4 * 2 ** STAGES.index(name)
-
-
-def _interp_matrix(n_out: int, n_in: int, n_cells: int, stride: int, device) -> torch.Tensor:
-    """(n_out, n_cells) bilinear weights taking one feature axis to n_out output pixels.
-
-    ResNet's padded stride-2 convolutions and pooling centre feature cell p on input pixel
-    stride * p (not stride * p + stride/2 - 1/2, which a plain align_corners=False upsample
-    assumes: that would shift the map half a cell, 16 px at layer4, to the bottom right).
-    The output image spans the same scene as the n_in network-input pixels (the preprocessing
-    resizes the whole image), so output pixel y sits at input coordinate (y + 1/2) n_in/n_out - 1/2.
-    """
-    y = torch.arange(n_out, device=device, dtype=torch.float64)
-    cell = (((y + 0.5) * (n_in / n_out) - 0.5) / stride).clamp(0, n_cells - 1)
-    lo = cell.floor().long().clamp(max=n_cells - 1)
-    hi = (lo + 1).clamp(max=n_cells - 1)
-    frac = (cell - lo).float()
-    weights = torch.zeros(n_out, n_cells, device=device)
-    rows = torch.arange(n_out, device=device)
-    weights.index_put_((rows, lo), 1.0 - frac, accumulate=True)
-    weights.index_put_((rows, hi), frac, accumulate=True)
-    return weights
-
-
-def _unit_map(cam: torch.Tensor, stride: int, in_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) raw map -> ReLU, bilinear resample to size (H, W), peak scaled to 1 (or all zero)."""
-    positive = cam.clamp(min=0)
-    peak = positive.amax(dim=(1, 2))
-    magnitude = cam.abs().amax(dim=(1, 2))
-    empty = ~(peak > RELATIVE_EMPTY * magnitude) | ~torch.isfinite(magnitude)
-    rows = _interp_matrix(size[0], in_size[0], cam.shape[1], stride, cam.device)
-    cols = _interp_matrix(size[1], in_size[1], cam.shape[2], stride, cam.device)
-    up = rows @ positive @ cols.T  # separable bilinear: (H, h) @ (B, h, w) @ (w, W); weights >= 0
-    return _scale_to_peak(up.clamp_(min=0), empty)
-
-
-def _scale_to_peak(maps: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
-    peak = maps.amax(dim=(1, 2))
-    empty = ~(peak > 0) if empty is None else empty | ~(peak > 0)
-    scaled = maps / torch.where(empty, torch.ones_like(peak), peak)[:, None, None]
-    scaled[empty] = 0.0
-    return scaled.clamp_(0.0, 1.0)
-
-
-def _flat_inputs(images: torch.Tensor) -> torch.Tensor:
-    """(B,) True where an image has no spatial variation in any channel."""
-    spread = images.amax(dim=(2, 3)) - images.amin(dim=(2, 3))  # (B, 3)
-    return spread.amax(dim=1) <= FLAT_INPUT_RANGE
-
-
 def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tuple[int, int] | None = None,
                   autocast_dtype: torch.dtype | None = None, profile: str = "default"):
     """Like grad_ram, but the maps are upsampled to `size` (H, W) instead of the input size.
@@ -210,14 +123,9 @@ def grad_ram_maps(model, images: torch.Tensor, *, layers=("layer4",), size: tupl
     layers = parse_layers(layers)
     size = tuple(images.shape[-2:]) if size is None else (int(size[0]), int(size[1]))
     cams, scores = stage_cams(model, images, layers, autocast_dtype=autocast_dtype, profile=profile)
-    with torch.no_grad():
-        in_size = tuple(images.shape[-2:])
-        maps = torch.stack([_unit_map(cams[name], stage_stride(name), in_size, size) for name in layers]).mean(dim=0)
-        if len(layers) > 1:
-            maps = _scale_to_peak(maps)  # the average of peak-1 maps need not peak at 1
-        flat = _flat_inputs(images.to(maps.device))
-        maps[flat] = 0.0
-    return maps.float().cpu(), scores.cpu()
+    raw = {name: cam.detach().float().cpu().numpy() for name, cam in cams.items()}
+    maps = combine(raw, layers, images.detach().float().cpu().numpy(), size)
+    return torch.from_numpy(maps), scores.cpu()
 
 
 def grad_ram(model, images: torch.Tensor, *, layers=("layer4",), autocast_dtype: torch.dtype | None = None,

@@ -17,13 +17,15 @@ import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from . import formats
+
+if TYPE_CHECKING:  # decoding and preprocessing need no torch; only image_to_tensor gives a tensor
+    import torch
 
 # Decompression-bomb guard: 64 MP covers any camera photo; beyond that we refuse.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -362,15 +364,35 @@ class Preprocessing:
     def from_dict(cls, data: dict) -> "Preprocessing":
         return cls(resize=ResizePolicy(**data.get("resize", {})), input_scaling=data.get("input_scaling", "imagenet"))
 
-    def image_to_tensor(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float32 tensor (3, H, W) in [0, 1] at the policy's size."""
+    def image_to_array(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 ndarray (3, H, W) in [0, 1] at the policy's size (C-contiguous).
+        The one resize and scaling: image_to_tensor wraps this array, the torch-free runtime
+        (the onnxruntime backend) uses it as it is."""
         size = self.resize.output_size(img.width, img.height)
         if img.size != size:
             # reducing_gap keeps large uploads fast (JPEG draft + box reduce) at negligible cost in quality
             img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
-        arr = np.asarray(img, dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        out = np.empty(arr.shape, dtype=np.float32)
+        np.divide(arr, np.float32(255.0), out=out, dtype=np.float32)
+        return out
+
+    def image_to_tensor(self, img: Image.Image) -> "torch.Tensor":
+        """RGB PIL image -> float32 torch tensor (3, H, W) in [0, 1]: image_to_array's, shared."""
+        import torch
+
+        return torch.from_numpy(self.image_to_array(img))
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def stack_inputs(items):
+    """Preprocessed inputs of one shape (3, H, W) -> a batch (B, 3, H, W) of the same kind: a numpy
+    array from arrays (the torch-free runtime), a torch tensor from tensors."""
+    if isinstance(items[0], np.ndarray):
+        return np.stack(items)
+    import torch
+
+    return torch.stack(list(items))

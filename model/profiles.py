@@ -28,8 +28,10 @@ so they score exactly as they always did.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the profiles' names and checks need no torch; only scoring with them does
+    import torch
 
 PROFILE_KINDS = ("blend", "mixture", "alias")
 GATES = ("softmax", "sigmoid")
@@ -44,6 +46,8 @@ def soft_clamp(score: torch.Tensor, lo: float = SCORE_KNEES[0], hi: float = SCOR
     tied every photo past a bound (it cost 0.012 of agreement with the teacher on pool photos)
     and gave them empty heatmaps. Rational rather than tanh tails: they decay slowly enough that
     float32 still separates scores far past a knee."""
+    import torch
+
     up = ((score - hi) / (1.0 - hi)).clamp(min=0)  # clamped: the branch torch.where drops stays finite
     down = ((lo - score) / lo).clamp(min=0)
     upper = hi + (1.0 - hi) * up / (1.0 + up)
@@ -238,6 +242,8 @@ def _blend(outputs: torch.Tensor, names: tuple[str, ...], p: ProfileSpec) -> tor
 
 def mixture_weights(outputs: torch.Tensor, names: tuple[str, ...], p: ProfileSpec) -> list[torch.Tensor]:
     """(B,) weight of each component of mixture `p`, in the order of p.inputs; they sum to 1."""
+    import torch
+
     if p.gate == "softmax":
         d = torch.stack([_column(outputs, names, g) for g in p.gate_inputs], dim=1)
         return list(torch.softmax(d / p.temperature, dim=1).unbind(dim=1))
@@ -263,4 +269,6 @@ def profile_score(outputs: torch.Tensor, cfg, profile: str = "default") -> torch
 
 def profile_scores(outputs: torch.Tensor, cfg) -> torch.Tensor:
     """(B, n_outputs) -> (B, P) scores, one column per profile in profile_names(cfg) order."""
+    import torch
+
     return torch.stack([profile_score(outputs, cfg, p) for p in profile_names(cfg)], dim=1)

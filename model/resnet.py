@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-BLOCKS_PER_STAGE = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
-STAGE_CHANNELS = (256, 512, 1024, 2048)
+from .config import BLOCKS_PER_STAGE, STAGE_CHANNELS  # noqa: F401  (re-exported; torch-free there)
 EXPANSION = 4
 
 

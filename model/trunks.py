@@ -17,14 +17,16 @@ import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
+from .config import BLOCKS_PER_STAGE, STAGE_CHANNELS  # noqa: F401  (re-exported)
 from .environment import installed_version
 from .errors import ModelFileError
 from .filecache import sha256_file, verified_sha256
-from .resnet import BLOCKS_PER_STAGE, STAGE_CHANNELS, build_resnet  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # TrunkSource (checkpoint metadata) needs no torch; loading weights does
+    import torch
+    from torch import nn
 
 
 class TrunkLoadError(ModelFileError):
@@ -162,6 +164,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise TrunkLoadError(f"{path} is not a valid safetensors file ({exc})") from None
+    import torch
+
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code, wrong format: all one message
@@ -240,6 +244,8 @@ def torch_hub_file(url: str, *, allow_download: bool = True) -> Path:
     The file name carries the first hex digits of the file's sha256 (torchvision's convention);
     torch.hub checks them on download, and we check them again for a cached file.
     """
+    import torch
+
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     filename = os.path.basename(url)
     cached = hub_dir / filename

@@ -404,7 +404,7 @@ def test_compose_carries_a_key_into_every_scoring_container():
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     scoring = {n: s for n, s in compose["services"].items() if n.startswith("resmemnet") and n != "resmemnet-lb"}
-    assert set(scoring) == {"resmemnet", "resmemnet-cpu", "resmemnet-a", "resmemnet-b"}
+    assert set(scoring) == {"resmemnet", "resmemnet-cpu", "resmemnet-slim", "resmemnet-a", "resmemnet-b"}
     for name, service in scoring.items():
         env = service["environment"]
         # no value: taken from the shell (or .env) when set there, left out (the service's default) when not

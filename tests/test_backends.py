@@ -201,3 +201,24 @@ def test_optimized_graph_is_cached_and_checked(tiny_checkpoint):
     assert ".ort-" not in Path(third.path).name
     np.testing.assert_array_equal(first(x), third(x))
     assert ".ort-" in Path(onnxruntime_runner(tiny_checkpoint).path).name
+
+
+def test_onnxruntime_scores_every_profile_without_the_torch_model(profile_checkpoint):
+    """Every profile from the export's profile_scores output: equal to the torch Scorer's fp32
+    scores within TOLERANCE, percentiles from each profile's own quantiles, no torch model loaded."""
+    pytest.importorskip("onnxruntime")
+    ref = Scorer.from_checkpoint(profile_checkpoint, device="cpu", mixed_precision=False, backend="torch")
+    scorer = Scorer.from_checkpoint(profile_checkpoint, backend="onnxruntime")
+    assert scorer.profiles == ("default", "general", "outdoor")
+    photos = [make_image(size=size, seed=i) for i, size in enumerate([(120, 90), (90, 120), (64, 64), (300, 100)])]
+    tensors = [ref.prepare(p).tensor for p in photos]
+    for profile in scorer.profiles:
+        got = scorer.score_tensors(tensors, max_batch=3, profile=profile)
+        expected = ref.score_tensors(tensors, max_batch=3, profile=profile)
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+        for score in got:
+            assert scorer.percentile(score, profile) == ref.meta.percentile(score, profile) is not None
+    batch = torch.stack(tensors[2:3] * 2)
+    table = scorer.profile_score_batch(batch, ["outdoor", "default"])
+    np.testing.assert_allclose(table, ref.profile_score_batch(batch, ["outdoor", "default"]), atol=TOLERANCE, rtol=0)
+    assert scorer._model is None  # no profile needed the torch model

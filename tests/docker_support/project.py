@@ -61,7 +61,7 @@ class ComposeProject:
 
     def down(self) -> None:
         """Remove the project's containers, those of every profile (a plain `down` skips them)."""
-        self("--profile", "cpu", "--profile", "replicas", "down", "--volumes", "--remove-orphans", "--timeout", "10",
+        self("--profile", "cpu", "--profile", "replicas", "--profile", "slim", "down", "--volumes", "--remove-orphans", "--timeout", "10",
              check=False, timeout=180)
 
 
