@@ -153,7 +153,13 @@ def test_adapting_an_adapted_checkpoint_adds_another_profile(adapted, labelled, 
     assert [m["profile"] for m in meta.metrics["adapt_earlier"]] == ["mine"]
     assert meta.training["adapt_earlier"][0]["profile"] == "mine"
     assert meta.provenance["adapt_earlier"][0]["labels_sha256"] == meta.provenance["adapt"]["labels_sha256"]
-    capsys.readouterr()
+    # 'mine' was fitted to these same labels: its CV row is in-sample, so it is marked and never recommended
+    stdout = capsys.readouterr().out
+    mine_row = next(line for line in stdout.splitlines() if line.split()[:1] == ["mine"])
+    assert "in-sample" in mine_row
+    verdict = meta.metrics["adapt"]["verdict"]
+    assert verdict["in_sample"] == ["mine"]
+    assert verdict["best_shipped"] != "mine" and verdict["recommended"] != "mine"
     assert main(["info", "--weights", str(tmp_path / "two.json")]) == 0
     adapted_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("adapted ")]
     assert len(adapted_rows) == 2 and "mine:" in adapted_rows[0] and "second:" in adapted_rows[1]

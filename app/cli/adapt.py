@@ -137,7 +137,7 @@ def run_adapt(args) -> int:
                    "with the teacher output; its percentile ranks a score among those photos")
     result = adapt(feats, labels.scores, model, settings, resmem=resmem, description=description, log=log)
     table = result.cv["spearman"]
-    verdict = _verdict(name, table)
+    verdict = _verdict(name, table, in_sample=_fitted_to(meta, labels.sha256))
     new_meta = _metadata(meta, base, labels, settings, result, verdict, name, features_s)
     from model.checkpoint import save_checkpoint
 
@@ -155,12 +155,22 @@ def run_adapt(args) -> int:
     return EXIT_OK
 
 
-def _verdict(name: str, table: dict) -> dict:
-    others = {k: v["mean"] for k, v in table.items() if k not in (name, "resmem")}
+def _fitted_to(meta, labels_sha256: str) -> list[str]:
+    """Profiles an earlier `resmemnet adapt` fitted to this same labels file (same sha256): their
+    CV rows are measured on the photos they were fitted to, so they are in-sample."""
+    runs = [meta.training.get("adapt") or {}, *meta.training.get("adapt_earlier", [])]
+    return [r["profile"] for r in runs if r.get("labels_sha256") == labels_sha256 and r.get("profile")]
+
+
+def _verdict(name: str, table: dict, in_sample: list[str] = ()) -> dict:
+    """Best out-of-sample profile of the checkpoint beside NAME; profiles in `in_sample` are never
+    recommended (their numbers are not a fair comparison)."""
+    others = {k: v["mean"] for k, v in table.items() if k not in (name, "resmem", *in_sample)}
     best = max(others, key=others.get)
     mine = table[name]["mean"]
     return {"best_shipped": best, "beats_shipped": bool(mine > others[best]),
-            "recommended": name if mine > others[best] else best}
+            "recommended": name if mine > others[best] else best,
+            "in_sample": [k for k in in_sample if k in table]}
 
 
 def _print_table(name, table, cv, labels, verdict) -> None:
@@ -169,7 +179,9 @@ def _print_table(name, table, cv, labels, verdict) -> None:
     width = max(len(k) for k in table)
     print(f"  {'profile':<{width}}  mean    sd     folds")
     for k, v in table.items():
-        tag = "  (new)" if k == name else ("  (the resmem package)" if k == "resmem" else "")
+        tag = ("  (new)" if k == name else "  (the resmem package)" if k == "resmem" else
+               "  (fitted to these photos by an earlier adapt: in-sample, not compared)"
+               if k in verdict["in_sample"] else "")
         folds = " ".join(f"{r:.3f}" for r in v["folds"])
         print(f"  {k:<{width}}  {v['mean']:.3f}  {v['sd']:.3f}  {folds}{tag}")
     best = verdict["best_shipped"]
