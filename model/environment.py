@@ -38,8 +38,10 @@ def unknown_variables(known: set[str] | frozenset[str], environ: Mapping[str, st
     warnings = []
     for name in sorted(os.environ if environ is None else environ):
         if name.startswith(ENV_PREFIX) and name not in names:
-            close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.8)
-            hint = f"; did you mean {close[0]}?" if close else " (docs/api.md lists the settings)"
+            # compare what follows the shared prefix: with it, RESMEMNET_FOO looked like RESMEMNET_PORT
+            suffixes = sorted(n[len(ENV_PREFIX):] for n in names)
+            close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1, cutoff=0.75)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else " (docs/api.md lists the settings)"
             warnings.append(f"{name} is not a setting, so it is ignored{hint}")
     return warnings
 

@@ -236,9 +236,11 @@ def test_unknown_resmemnet_variables_are_named_with_the_closest_setting_and_neve
     from model.environment import unknown_variables
 
     environ = {"RESMEMNET_LOG_LEVL": "debug", "RESMEMNET_PORT": "8000", "RESMEMNET_CACHE_DIR": "/c",
-               "RESMEMNET_FROBNICATE": "s3cret-value", "OTHER": "x"}
+               "RESMEMNET_FROBNICATE": "s3cret-value", "RESMEMNET_FOO": "1", "OTHER": "x"}
     lines = unknown_variables(ServiceSettings.variables(), environ)
-    assert lines == ["RESMEMNET_FROBNICATE is not a setting, so it is ignored (docs/api.md lists the settings)",
+    # RESMEMNET_FOO shares only the prefix with RESMEMNET_PORT: no suggestion
+    assert lines == ["RESMEMNET_FOO is not a setting, so it is ignored (docs/api.md lists the settings)",
+                     "RESMEMNET_FROBNICATE is not a setting, so it is ignored (docs/api.md lists the settings)",
                      "RESMEMNET_LOG_LEVL is not a setting, so it is ignored; did you mean RESMEMNET_LOG_LEVEL?"]
     assert not any("s3cret" in line or "debug" in line for line in lines)
 
