@@ -183,10 +183,12 @@ def legacy_profiles(cfg) -> tuple[ProfileSpec, ...]:
     if cfg.domain_gate:
         default = ProfileSpec("default", kind="mixture", gate="sigmoid", inputs=("outdoor", "general"),
                               gate_inputs=("domain", ""), centers=(cfg.gate_center, 0.0),
-                              widths=(cfg.gate_width, 1.0))
+                              widths=(cfg.gate_width, 1.0),
+                              description="outdoor for photos the domain output finds like the labelled set, "
+                                          "general for the rest")
     else:
         default = ProfileSpec("default", inputs=outdoor.inputs, weights=outdoor.weights, scale=outdoor.scale,
-                              shift=outdoor.shift)
+                              shift=outdoor.shift, description=outdoor.description)
     return default, general, outdoor
 
 
