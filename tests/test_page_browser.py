@@ -21,7 +21,6 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import serve_subprocess
-from test_profiles import profile_checkpoint  # noqa: F401  (a fixture: a checkpoint with several profiles)
 
 CHROMIUM = os.environ.get("RESMEMNET_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RESMEMNET_CHROMEDRIVER", "/usr/bin/chromedriver")
