@@ -85,7 +85,7 @@ def test_zero_grace_is_passed_to_uvicorn_as_zero_not_forever(monkeypatch):
     monkeypatch.setattr(cli_serve, "check_startup", lambda settings: None)
     monkeypatch.setenv("RESMEMNET_GRACEFUL_SHUTDOWN_S", "0")
     monkeypatch.setenv("RESMEMNET_WARMUP", "false")
-    args = type("Args", (), {k: None for k in ("host", "port", "weights", "device", "max_batch_size", "max_wait_ms",
+    args = type("Args", (), {k: None for k in ("host", "port", "weights", "device", "onnx", "max_batch_size", "max_wait_ms",
                                                "queue_size", "log_level")})()
     assert cli_serve.run_serve(args) == 0
     assert seen["timeout"] == 0.0
