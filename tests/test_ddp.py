@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_training_pipeline import _read_log, write_config, write_lnsim, write_teacher
+from test_training_datasets import write_lnsim, write_teacher
+from test_training_pipeline import _read_log, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -145,7 +145,8 @@ def test_readout_run_with_extra_teacher_and_teacher_augmentations(tmp_path, caps
     from model.checkpoint import load_checkpoint
     from model.scoring import Scorer
     from model.training.train import main as train_main
-    from test_training_pipeline import write_config, write_lnsim, write_teacher
+    from test_training_datasets import write_lnsim, write_teacher
+    from test_training_pipeline import write_config
 
     write_lnsim(tmp_path / "lnsim", n=40, sizes=((40, 40), (48, 40)))
     first = write_teacher(tmp_path / "pool", n=16)

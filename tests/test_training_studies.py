@@ -13,7 +13,8 @@ from PIL import Image
 
 from model.training.config import ConfigError, load_config
 from model.training.train import main as train_main
-from test_training_pipeline import _picture, write_config, write_lnsim, write_rows, write_teacher
+from test_training_datasets import _picture, write_lnsim, write_rows, write_teacher
+from test_training_pipeline import write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
