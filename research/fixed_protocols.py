@@ -16,7 +16,7 @@ The checkpoint's readout is applied to the cached pooled taps (float16, the `non
 of the run's photos, so its tap set must be the start of the cache's (e.g. a checkpoint of the
 trunk's 50 taps on a cache of those plus the memory branch's 8). --scores CSVs need a path column
 (relative to the study's folder, as `research.validate` writes them) and the score COLUMN
-(default: the last column). Exit status 0, or 2 for bad arguments.
+(default: the last column); a LABEL given twice (one CSV per study) is one model. Exit status 0, or 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -189,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         profiles, trained = checkpoint_scores(w, pool)
         for name, s in profiles.items():
             result[f"{w}:{name}"] = report(s, pool, trained)
-    for spec in args.scores:
+    merged: dict[str, np.ndarray] = {}
+    for spec in args.scores:  # a label given twice (one CSV per study) is one model
         label, s = csv_scores(spec, pool)
+        merged[label] = np.where(np.isnan(s), merged[label], s) if label in merged else s
+    for label, s in merged.items():
         result[label] = report(s, pool, set())
     studies = [s.name for s in pool.studies]
     print(f"{'model':<48} " + " ".join(f"{n + ' CV':>16} {n + ' whole':>11}" for n in studies) + "  agreement")
