@@ -88,3 +88,35 @@ def test_a_missing_cache_leaves_its_photos_unscored_and_is_never_built(cv_run, f
     r = json.loads(out.read_text())[f"{final_checkpoint}:default"]
     assert r["cdm"]["n"] == 24 and r["lnsim"]["n"] == 0 and r["teacher_holdout"]["n"] == 0
     assert sorted(p.name.split("-")[0] for p in only_cdm.glob("*.npy")) == ["cdm"]  # nothing built
+
+
+def test_the_ship_rule_needs_all_four_columns_higher_and_the_floor():
+    from research.ship_rule import verdict
+
+    old = {"lnsim_cv": 0.576, "cdm_cv": 0.160, "loso_lnsim": 0.493, "loso_cdm": 0.161}
+    assert verdict({"lnsim_cv": 0.58, "cdm_cv": 0.3, "loso_lnsim": 0.5, "loso_cdm": 0.2}, old, 0.572) == (True, [])
+    ok, reasons = verdict({"lnsim_cv": 0.58, "cdm_cv": 0.3, "loso_lnsim": 0.493, "loso_cdm": 0.2}, old, 0.572)
+    assert not ok and reasons == ["loso_lnsim: 0.4930 is not above 0.4930"]  # equal is not higher
+    ok, reasons = verdict({"lnsim_cv": 0.58, "cdm_cv": 0.3, "loso_lnsim": 0.5, "loso_cdm": 0.2}, old, 0.6)
+    assert not ok and "below the floor" in reasons[0]
+
+
+def test_the_ship_rule_reads_a_cv_run_and_todays_default(cv_run, final_checkpoint, tmp_path, capsys):  # noqa: F811
+    from research.ship_rule import main as rule_main
+
+    fixed = tmp_path / "fixed.json"
+    old = tmp_path / "old.json"  # today's default stand-in: the tiny final model with a CV mean in its metadata
+    meta = json.loads(final_checkpoint.read_text())
+    meta["metrics"]["cross_validation"] = {"mean": {"spearman": -1.0}}
+    old.write_text(json.dumps(meta))
+    tensors = final_checkpoint.with_suffix(".safetensors")
+    (tmp_path / tensors.name).write_bytes(tensors.read_bytes())  # the file its metadata names
+    assert fixed_main(["--cv", str(cv_run), "--weights", str(old), "--json", str(fixed)]) == 0
+    capsys.readouterr()
+    code = rule_main(["--cv", str(cv_run), "--old", str(fixed), "--old-weights", str(old), "--floor", "-1"])
+    out = capsys.readouterr().out
+    summary = json.loads((cv_run / "cv.json").read_text())["summary"]
+    assert f"{summary['loso']['cdm']['default']['spearman']:.4f}" in out.splitlines()[2]
+    assert out.splitlines()[1].split()[2] == "-1.0000"  # today's LNSIM CV from its metadata
+    assert (code == 0) == ("verdict: ship the candidate" in out) and code in (0, 1)
+    assert rule_main(["--cv", str(tmp_path), "--old", str(fixed)]) == 2
