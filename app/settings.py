@@ -14,6 +14,7 @@ from model.environment import ENV_PREFIX, PRECISIONS, env_name, env_value  # noq
 from model.errors import InputError
 
 MiB = 1024 * 1024
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 
 
 class SettingsError(InputError):
@@ -55,7 +56,7 @@ class ServiceSettings:
     # -- HTTP --------------------------------------------------------------------------------
     host: str = field(default="127.0.0.1", metadata=_doc("address `resmemnet serve` binds (the container uses 0.0.0.0)"))
     port: int = field(default=8000, metadata=_doc("TCP port `resmemnet serve` listens on"))
-    log_level: str = field(default="info", metadata=_doc("uvicorn log level"))
+    log_level: str = field(default="info", metadata=_doc("log level: `critical`, `error`, `warning`, `info`, `debug` or `trace`"))
     graceful_shutdown_s: float = field(
         default=30.0, metadata=_doc("on SIGTERM, how long requests already running may still finish; those "
                                     "still running then get 503 `shutting_down`. 0: no grace, they get it at once"))
@@ -116,6 +117,9 @@ class ServiceSettings:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.auth not in ("auto", "on", "off"):
             problems.append(f"auth must be auto, on or off, not {self.auth!r}")
+        object.__setattr__(self, "log_level", self.log_level.lower())  # INFO works too (frozen: set once)
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.backend not in ("auto", *BACKENDS):
             problems.append(f"backend must be auto, torch or onnxruntime, not {self.backend!r}")
         for name in ("max_batch_size", "queue_size", "preprocess_workers", "max_upload_bytes", "max_pixels",
@@ -152,6 +156,11 @@ class ServiceSettings:
                 values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @classmethod
+    def variables(cls) -> frozenset[str]:
+        """Every RESMEMNET_* name a field reads."""
+        return frozenset(env_name(f.name) for f in fields(cls))
 
     @classmethod
     def table(cls) -> str:

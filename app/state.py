@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .batcher import DynamicBatcher
 from .errors import ServiceError
@@ -40,6 +40,7 @@ class ServiceState:
         self.heatmaps_running = 0
         self._loader: asyncio.Task | None = None
         self._ready_event: asyncio.Event | None = None
+        self.on_failed: Callable[[], None] | None = None  # called once if the model fails to load
 
     # -- start-up ----------------------------------------------------------------------------
     async def start(self, scorer: Scorer | None = None) -> None:
@@ -89,6 +90,8 @@ class ServiceState:
             self.phase = "failed"
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("could not load the model: %s", self.load_error)
+            if self.on_failed is not None:
+                self.on_failed()
         finally:
             self._ready_event.set()
 

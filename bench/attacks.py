@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_request_limits import BOUNDARY, file_part, multipart, text_part  # noqa: E402  (the tests' bodies)
+from multipart_bodies import BOUNDARY, file_part, multipart, text_part
 
 KINDS = ("tiny_parts", "many_fields", "big_fields", "part_headers", "big_head", "slowloris")
 

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from bench_scorer import RESMEM_SCRIPT, photos  # noqa: E402  (the resmem package's own loop; photo list)
 

@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Before torch loads OpenMP: idle threads sleep instead of spinning. On a CPU shared with other
 # work, spinning threads make every small op tens of times slower; on a dedicated CPU it costs ~nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -2,7 +2,7 @@
 
     python bench/fuzz.py --count 20000 --app-count 2000 --seed 1 --out fuzz.json
 
-First the hostile kinds of tests/hostile_inputs.py (metadata bombs, thousands of frames or pages,
+First the hostile kinds of bench/hostile_inputs.py (metadata bombs, thousands of frames or pages,
 repeated structure) at the size of the upload limit (about 20 MB, or 1 GiB of inflated text),
 each once through decode_image() and once through the app's /score with the default limits:
 outcome, seconds and the process's resident memory are recorded (--hostile-only stops there).
@@ -12,7 +12,7 @@ alpha, frames among them) and of the hostile kinds at small sizes go through dec
 a share of them through the app in-process (a random-trunk model at 64 px, /score, /score/batch
 and /heatmap, random part names and content types). A finding is anything but an RGB image / a
 score in [0, 1] or a clean refusal: an exception other than ImageDecodeError, a 5xx, a non-JSON
-error, a non-finite score, a hostile kind answered otherwise than tests/hostile_inputs.py says,
+error, a non-finite score, a hostile kind answered otherwise than bench/hostile_inputs.py says,
 or one input taking over --slow-s seconds. Findings are written to --findings (one file per
 input) and listed in the JSON summary with the outcome counts and the slowest inputs.
 """
@@ -33,8 +33,6 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def mutate(rng: random.Random, seed: bytes) -> bytes:

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from model.network import build_resmemnet  # noqa: E402
 from model.preprocess import Preprocessing, ResizePolicy  # noqa: E402

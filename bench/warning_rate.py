@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from model.preprocess import ImageDecodeError, decode_image  # noqa: E402
 from model.quality import input_warnings  # noqa: E402

@@ -16,6 +16,34 @@ ENV_PREFIX = "RESMEMNET_"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "resmemnet-default.json"
 
 
+# RESMEMNET_* variables read outside the service settings (app/settings.py names the rest): the
+# trunk cache, the compose file's interpolation and the test suite's switches. Any other
+# RESMEMNET_* name is most likely a typo, which `resmemnet serve` warns about (unknown_variables).
+OTHER_VARIABLES = frozenset({
+    "RESMEMNET_CACHE_DIR",
+    "RESMEMNET_IMAGE", "RESMEMNET_PROMETHEUS_IMAGE", "RESMEMNET_HAPROXY_IMAGE", "RESMEMNET_PUBLISH_PORT",
+    "RESMEMNET_LB_PUBLISH_PORT", "RESMEMNET_LB_STATS_PORT", "RESMEMNET_REPLICA_DEVICE",
+    "RESMEMNET_REQUIRE_DOCKER", "RESMEMNET_REQUIRE_HAPROXY", "RESMEMNET_REQUIRE_BROWSER", "RESMEMNET_DOCKER_ROOT",
+    "RESMEMNET_CONTAINER_REPORT", "RESMEMNET_LB_REPORT", "RESMEMNET_CHROMIUM", "RESMEMNET_CHROMEDRIVER",
+})
+
+
+def unknown_variables(known: set[str] | frozenset[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per RESMEMNET_* variable that is set but neither in `known` nor in
+    OTHER_VARIABLES, naming the closest known name when there is one (a typo is ignored silently
+    otherwise). Values are never shown: a key may sit in a misspelt variable."""
+    import difflib
+
+    names = set(known) | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(os.environ if environ is None else environ):
+        if name.startswith(ENV_PREFIX) and name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else " (docs/api.md lists the settings)"
+            warnings.append(f"{name} is not a setting, so it is ignored{hint}")
+    return warnings
+
+
 def env_name(setting: str) -> str:
     """'max_batch_size' -> 'RESMEMNET_MAX_BATCH_SIZE'."""
     return ENV_PREFIX + setting.upper()

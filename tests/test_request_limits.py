@@ -19,24 +19,14 @@ import pytest
 from conftest import (assert_error, make_image, metric_samples, raw_request, read_response, serve_in_thread,
                       serving)
 
+import multipart_bodies  # bench/ (pyproject: pytest's pythonpath)
+from multipart_bodies import BOUNDARY, multipart, text_part
+
 IMAGE = make_image(size=(96, 72), seed=2)
-BOUNDARY = "lim"
-
-
-def multipart(parts: list[tuple[str, bytes]]) -> bytes:
-    """A multipart body from (part header lines, content) pairs."""
-    out = b""
-    for head, content in parts:
-        out += f"--{BOUNDARY}\r\n{head}\r\n\r\n".encode() + content + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
 
 
 def file_part(field: str, i: int = 0, content: bytes = IMAGE) -> tuple[str, bytes]:
-    return f'Content-Disposition: form-data; name="{field}"; filename="p{i}.jpg"\r\nContent-Type: image/jpeg', content
-
-
-def text_part(name: str, content: bytes = b"") -> tuple[str, bytes]:
-    return f'Content-Disposition: form-data; name="{name}"', content
+    return multipart_bodies.file_part(field, i, content)
 
 
 def random_multipart(rng: random.Random, image: bytes) -> tuple[str, bytes, str]:

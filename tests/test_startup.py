@@ -207,3 +207,45 @@ def socket_free_port():
             port = s.getsockname()[1]
         yield port
     return free()
+
+
+# -- a model that cannot load: the process stops with the reason, it does not linger unready -----
+@pytest.mark.process  # runs uvicorn (in this process) on a loopback port
+def test_serve_exits_non_zero_with_the_reason_when_the_model_cannot_load(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from app.cli.kit import EXIT_SOME_FAILED
+
+    for path in tiny_checkpoint.parent.glob(tiny_checkpoint.stem + ".*"):
+        shutil.copy(path, tmp_path / path.name)
+    tensors = next(tmp_path.glob("*.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[-16:] = bytes(16)  # metadata still reads; the tensor file's sha256 no longer matches
+    tensors.write_bytes(bytes(data))
+    with socket_free_port() as port:
+        pass
+    code = main(["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", str(tmp_path / tiny_checkpoint.name)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == EXIT_SOME_FAILED
+    assert last.startswith("resmemnet serve: error: cannot serve ") and "the model did not load" in last
+    assert "sha256" in last, last
+
+
+def test_unknown_resmemnet_variables_are_named_with_the_closest_setting_and_never_their_value():
+    from app.settings import ServiceSettings
+    from model.environment import unknown_variables
+
+    environ = {"RESMEMNET_LOG_LEVL": "debug", "RESMEMNET_PORT": "8000", "RESMEMNET_CACHE_DIR": "/c",
+               "RESMEMNET_FROBNICATE": "s3cret-value", "OTHER": "x"}
+    lines = unknown_variables(ServiceSettings.variables(), environ)
+    assert lines == ["RESMEMNET_FROBNICATE is not a setting, so it is ignored (docs/api.md lists the settings)",
+                     "RESMEMNET_LOG_LEVL is not a setting, so it is ignored; did you mean RESMEMNET_LOG_LEVEL?"]
+    assert not any("s3cret" in line or "debug" in line for line in lines)
+
+
+def test_log_level_is_checked_and_case_insensitive():
+    from app.settings import ServiceSettings, SettingsError
+
+    assert ServiceSettings.from_env({"RESMEMNET_LOG_LEVEL": "WARNING"}).log_level == "warning"
+    with pytest.raises(SettingsError, match="log_level must be one of critical, error, warning, info, debug, trace, not 'warn'"):
+        ServiceSettings.from_env({"RESMEMNET_LOG_LEVEL": "warn"})

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("model.training.cli", "train ResMem-Net (phased recipe, cross-validation, checkpoint)"),
     "evaluate": ("model.training.cli",
                  "score a dataset with a checkpoint and report rho, r, MSE, top/bottom table"),
+    "adapt": ("app.cli.adapt", "fit a new score profile to your own labelled photos (a checkpoint with it added)"),
     "export": ("app.cli.export", "write the model as ONNX or as a Triton model repository"),
     "merge": ("app.cli.merge", "merge the CSV parts of a sharded `resmemnet score` into one CSV or JSON"),
 }

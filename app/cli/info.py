@@ -201,6 +201,14 @@ def summary(info: dict) -> str:
         rows.append(("", f"cdm_dev (another lab's photos, validation): Spearman {_num(validation['spearman'])}"
                          + (f"; resmem package {_num(validation['resmem_package_spearman'])}"
                             if validation.get("resmem_package_spearman") is not None else "")))
+    metrics = info.get("metrics", {})
+    for adapted in [*metrics.get("adapt_earlier", []), metrics.get("adapt") or {}]:
+        table, name = adapted.get("spearman", {}), adapted.get("profile")
+        if name in table:
+            others = ", ".join(f"{k} {_num(v.get('mean'))}" for k, v in table.items() if k != name)
+            rows.append(("adapted", f"{name}: {adapted.get('folds', '?')}-fold CV Spearman {_num(table[name].get('mean'))} "
+                                    f"on its {adapted.get('n', '?')} labelled photos ({others}); its percentile ranks "
+                                    "among those photos"))
     prov = info.get("provenance", {})
     if prov:
         commit = (prov.get("git_commit") or "?")[:10]

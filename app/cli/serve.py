@@ -39,6 +39,7 @@ def run_serve(args) -> int:
     problem = check_auth(settings) or check_port(settings.host, settings.port) or check_startup(settings)
     if problem:
         return fail(problem, command="serve")
+    warn_unknown_variables(ServiceSettings.variables())
 
     limit_malloc_arenas()
 
@@ -48,10 +49,29 @@ def run_serve(args) -> int:
     from app.service import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    state = app.state.service
+    # A model that cannot load would leave a live process that never gets ready (a container
+    # "unhealthy" forever, its reason deep in the logs): stop, and exit non-zero with the reason.
+    state.on_failed = lambda: setattr(server, "should_exit", True)
     server.run()
+    if state.load_error:  # (the phase is "stopped" by now)
+        return fail(f"cannot serve {settings.weights}: the model did not load: {state.load_error}",
+                    EXIT_SOME_FAILED, command="serve")
     # uvicorn returns normally after SIGTERM; a failed start (port in use) leaves `started` False.
     return EXIT_OK if server.started else EXIT_SOME_FAILED
+
+
+def warn_unknown_variables(known) -> None:
+    """One stderr line per RESMEMNET_* variable that no setting reads (a typo would otherwise be
+    ignored without a word)."""
+    import sys
+
+    from model.environment import unknown_variables
+
+    for line in unknown_variables(known):
+        print(f"resmemnet serve: warning: {line}", file=sys.stderr)
 
 
 # glibc's mallopt(M_ARENA_MAX): by default glibc gives each thread that contends for malloc an

@@ -192,3 +192,21 @@ def fit_ridge_columns(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, a
             fits[c] = RidgeFit(weight=weight[:, j], bias=float(bias[j]), alpha=a, inner_rho=inner[c],
                                oof=oof[a][:, c] if a in oof else None, fold=fold_of)
     return fits
+
+
+def cross_predict(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, alpha: float, folds: int = 5,
+                  seed: int = 0, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold predictions (n,) of the ridge at penalty `alpha`, and each row's fold id (n,):
+    the same inner folds (an image's rows together) and solver as fit_ridge's penalty search, for
+    choosing what follows the fit (e.g. a blend weight) on predictions of unseen images."""
+    y = np.asarray(y, dtype=np.float64)
+    sw = np.sqrt(np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64))
+    fold_of = inner_folds(groups, folds, seed)
+    pred = np.empty(len(y))
+    for k in range(folds):
+        tr, te = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        if len(te) == 0:
+            continue
+        dual, y_mean = _solve(kernel.gram[np.ix_(tr, tr)], y[tr], sw[tr], alpha)
+        pred[te] = kernel.gram[np.ix_(te, tr)] @ dual + y_mean
+    return pred, fold_of
