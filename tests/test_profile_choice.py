@@ -1,4 +1,4 @@
-"""The shipped recipe's fitted profile numbers (model/training/profile_choice.py, configs/lnsim-cdm.toml):
+"""The two-study recipe's fitted profile numbers (model/training/profile_choice.py, configs/lnsim-cdm.toml):
 a study's blend by inner CV, the Platt-fitted sigmoid gate on the domain output's leave-one-out
 outputs, level offsets of the default mixture, an output on raw scores calibrated by rank; tiny
 in-process runs on synthetic photos (the fixtures of test_training_studies.py)."""
@@ -107,13 +107,13 @@ def test_recipe_option_errors(ws, tmp_path, overrides, message):  # noqa: F811
         load_config(str(two_study_config(tmp_path / "c.toml", ws)), overrides)
 
 
-def test_the_packaged_recipe_is_the_shipped_default():
+def test_the_packaged_two_study_recipe_is_the_measured_candidate():
     cfg = load_config("lnsim-cdm")
     cdm, lnsim = cfg.data.study("cdm"), cfg.data.study("lnsim")
     assert (cdm.mapping, cdm.calibration, cdm.blend_cv, cdm.branch_share) == ("none", "quantile", True, 0.0)
     assert (lnsim.branch_share, cfg.model.score_blend, cfg.model.branch) == (0.25, 0.7, "resmem")
     assert (cfg.profiles.gate, cfg.profiles.align, cfg.readout.domain_alphas) == ("platt", "teacher", [0.3])
-    assert cfg.output.name == "resmemnet-default"
+    assert cfg.output.name == "resmemnet-lnsim-cdm"  # a candidate, not the shipped default (model card)
 
 
 # -- a final run with the recipe -------------------------------------------------------------------
