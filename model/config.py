@@ -100,7 +100,7 @@ class ResMemNetConfig:
         return _profiles.output_names(self)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "profiles": [p.to_dict() for p in self.profiles]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ResMemNetConfig":

@@ -14,6 +14,8 @@ ridge classifier: which study, or the teacher's photos, a photo looks like). A p
   - gate ``sigmoid``: s_j = sigmoid((d_j - centers[j]) / widths[j]) for the components with a
     column, a_j = s_j / max(1, sum_k s_k); the one component without a column (gate input "")
     takes the rest, 1 - sum_j a_j;
+  with `offsets` (one per component), raw = sum_j a_j * (raw_j + offsets[j]): the components' level
+  alignment (a study's labels rank photos within that study, not against other kinds of photo);
 - ``alias``: the profile named inputs[0] (e.g. `outdoor` for `lnsim`).
 
 The score is soft_clamp(raw): the identity on [0.1, 0.9] with strictly increasing tails into
@@ -27,6 +29,7 @@ so they score exactly as they always did.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -70,15 +73,20 @@ class ProfileSpec:
     temperature: float = 1.0  # softmax gate
     centers: tuple[float, ...] = ()  # sigmoid gate: one per component (ignored for the one without a column)
     widths: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()  # mixture: added to each component's raw score before mixing (() = none)
     description: str = ""  # what it is for, in a sentence (listed by `resmemnet info`)
 
     def __post_init__(self):
-        for name in ("inputs", "weights", "gate_inputs", "centers", "widths"):  # lists from JSON -> tuples
+        for name in ("inputs", "weights", "gate_inputs", "centers", "widths", "offsets"):  # lists from JSON -> tuples
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        for name in ("weights", "offsets"):
+            object.__setattr__(self, name, tuple(float(w) for w in getattr(self, name)))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not out["offsets"]:  # what profiles had before offsets, unchanged
+            del out["offsets"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProfileSpec":
@@ -134,6 +142,8 @@ def _check_mixture(p: ProfileSpec, outputs, by_name) -> None:
     missing = [g for g in gated if g not in outputs]
     if missing:
         raise ValueError(f"{where}: no domain column {missing[0]!r} (the head has {', '.join(outputs)})")
+    if p.offsets and (len(p.offsets) != len(p.inputs) or not all(math.isfinite(o) for o in p.offsets)):
+        raise ValueError(f"{where}: offsets must be one finite number per component, got {list(p.offsets)}")
     if p.gate not in GATES:
         raise ValueError(f"{where}: gate {p.gate!r} is not one of {', '.join(GATES)}")
     if p.gate == "softmax":
@@ -228,8 +238,10 @@ def raw_score(outputs: torch.Tensor, cfg, profile: str = "default") -> torch.Ten
     if p.kind == "blend":
         return _blend(outputs, names, p)
     total = None
-    for a, c in zip(mixture_weights(outputs, names, p), p.inputs):
-        term = a * _blend(outputs, names, resolve(by_name, c))
+    offsets = p.offsets or (0.0,) * len(p.inputs)
+    for a, c, o in zip(mixture_weights(outputs, names, p), p.inputs, offsets):
+        raw = _blend(outputs, names, resolve(by_name, c))
+        term = a * (raw + o if o else raw)
         total = term if total is None else total + term
     return total
 

@@ -1,7 +1,7 @@
 """Score labelled validation sets with a ResMem-Net checkpoint (and, with --resmem, the `resmem`
 pip package on the same photos) and report rank and linear agreement with the human scores.
 
-    python -m research.validate [--weights W] [--sets cdm_dev,lnsim] [--resmem]
+    python -m research.validate [--weights W] [--sets cdm_dev,lnsim] [--resmem | --resmem-only]
                                        [--out DIR] [--limit N] [--data DIR]
 
 Sets (under --data, default ../shared/data; a set whose data is absent is skipped with a message):
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=None, help="ResMem-Net checkpoint (.json); default: the shipped one")
     ap.add_argument("--sets", default=",".join(SET_NAMES), help=f"comma-separated, of {', '.join(SET_NAMES)}")
     ap.add_argument("--resmem", action="store_true", help="also score with the resmem package")
+    ap.add_argument("--resmem-only", action="store_true", help="score with the resmem package alone (no checkpoint)")
     ap.add_argument("--out", default=str(REPO / "runs" / "validate"), help="folder for the CSVs")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N photos of each set")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root")
@@ -185,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit:
             ds.rel_paths, ds.truth = ds.rel_paths[:args.limit], ds.truth[:args.limit]
         print(f"{name}: scoring {len(ds.rel_paths)} photos ({ds.note})", flush=True)
-        preds = {"resmemnet": score_resmemnet(weights, ds.paths, args.batch_size)}
-        if args.resmem:
+        preds = {} if args.resmem_only else {"resmemnet": score_resmemnet(weights, ds.paths, args.batch_size)}
+        if args.resmem or args.resmem_only:
             preds["resmem"] = score_resmem(ds.paths, args.batch_size)
         with (out_dir / f"{name}_scores.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "truth", "resmemnet", "resmem"])
             for i, rel in enumerate(ds.rel_paths):
-                w.writerow([rel, fmt(ds.truth[i]), fmt(preds["resmemnet"][i]),
+                w.writerow([rel, fmt(ds.truth[i]), fmt(preds["resmemnet"][i]) if "resmemnet" in preds else "",
                             fmt(preds["resmem"][i]) if "resmem" in preds else ""])
         for model_name, pred in preds.items():
             n, rho, r = correlations(ds.truth, pred)

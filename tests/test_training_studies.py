@@ -255,6 +255,13 @@ def test_the_domain_output_tells_each_study_and_the_teacher_apart(ws, cv_run, tm
     assert raw["outputs"] == list(arch.output_names) and raw["profiles"][0]["name"] == "lnsim"
     assert read_meta(run / "tiny.json").architecture == arch  # serialised and read back unchanged
     assert meta.metrics["cross_validation"]["summary"]["loso"]["cdm"]["default"]["spearman"] is not None
+    measured = meta.metrics["profiles"]  # what `resmemnet info` and /readyz show per profile
+    summary = meta.metrics["cross_validation"]["summary"]
+    assert set(measured) == {"default", "lnsim", "cdm", "general", "outdoor"}
+    assert measured["default"]["within_cv"]["cdm"] == summary["within"]["cdm"]["default"]["spearman"]["mean"]
+    assert measured["default"]["loso"] == {s: summary["loso"][s]["default"]["spearman"] for s in ("lnsim", "cdm")}
+    assert "lnsim" not in measured["lnsim"]["loso"]  # no lnsim profile without LNSIM's labels
+    assert measured["general"]["teacher_agreement"] == summary["within"]["lnsim"]["general"]["teacher_agreement"]["mean"]
     assert set(meta.reference["profiles"]) == {"lnsim", "cdm", "general", "outdoor"}
     assert meta.training["readout"]["domain"]["rows"] == 2 * (38 + 24 + 14)  # every training photo and its mirror
     pre = meta.preprocessing
@@ -275,7 +282,10 @@ def test_the_domain_output_tells_each_study_and_the_teacher_apart(ws, cv_run, tm
 
     capsys.readouterr()
     assert cli_main(["info", "--weights", str(run / "tiny.json")]) == 0
-    assert "default, lnsim, cdm, general, outdoor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "default, lnsim, cdm, general, outdoor" in out
+    line = next(t for t in out.splitlines() if t.startswith("profile cdm "))
+    assert f"Spearman lnsim CV {measured['cdm']['within_cv']['lnsim']:.3f}, cdm CV" in line
 
 
 def test_a_shared_output_and_a_softmax_gate(ws, tmp_path):

@@ -119,6 +119,16 @@ def profiles_of(arch: dict) -> tuple[str, ...]:
     return available_profiles(ResMemNetConfig.from_dict(arch))
 
 
+def profile_numbers(measured: dict) -> str:
+    """One line of a profile's measured numbers (metadata metrics.profiles[name]: Spearman rho of
+    `within_cv` per study, `loso` per study, `teacher_agreement`)."""
+    parts = [f"{study} CV {_num(v)}" for study, v in (measured.get("within_cv") or {}).items()]
+    parts += [f"{study} left out {_num(v)}" for study, v in (measured.get("loso") or {}).items() if v is not None]
+    if measured.get("teacher_agreement") is not None:
+        parts.append(f"teacher agreement {_num(measured['teacher_agreement'])}")
+    return "Spearman " + ", ".join(parts) if parts else "no measured numbers"
+
+
 def summary(info: dict) -> str:
     """About 15 readable lines from `checkpoint_info`'s dict."""
     arch, prep, trunk = info["architecture"], info["preprocessing"], info["trunk"]
@@ -126,7 +136,11 @@ def summary(info: dict) -> str:
     if info.get("description"):
         lines.append(textwrap.fill(info["description"], WIDTH, initial_indent="  ", subsequent_indent="  "))
     head = f"{arch['head']} head over {'all' if arch['taps'] == 'all' else 'the last'} block outputs"
-    if arch.get("teacher_output"):
+    if arch.get("branch", "none") != "none":
+        head += f" and the {arch['branch']} memory branch"
+    if arch.get("outputs"):  # named outputs: the profiles say how they combine
+        head += f"; outputs {', '.join(arch['outputs'])}"
+    elif arch.get("teacher_output"):
         blend = arch.get("score_blend", 1.0)
         head += f"; score = {blend:g} x labelled output + {1 - blend:g} x teacher output"
         if arch.get("domain_gate"):
@@ -152,7 +166,13 @@ def summary(info: dict) -> str:
     rows.append(("trunk", f"{trunk.get('description') or trunk.get('depth')}; {source}"))
     counts = info.get("training", {}).get("counts", {})
     data = info.get("training", {}).get("data", {})
-    if counts:
+    by_study = counts.get("train_by_study")
+    if counts and by_study:
+        trained = "; ".join(f"{name}: {n:,} photos" for name, n in by_study.items())
+        if counts.get("train_teacher"):
+            trained += f"; teacher scores: {counts['train_teacher']:,} photos ({counts.get('teacher_holdout', 0):,} held out)"
+        rows.append(("trained on", trained))
+    elif counts:
         trained = f"{data.get('labelled', {}).get('kind', 'labelled')}: {counts.get('train_labelled', '?'):,} photos"
         if counts.get("train_teacher"):
             trained += f"; teacher scores: {counts['train_teacher']:,} photos ({counts.get('teacher_holdout', 0):,} held out)"
@@ -175,6 +195,8 @@ def summary(info: dict) -> str:
         rows.append(("results", text))
         if agreement is not None:
             rows.append(("", f"agreement with the teacher on held-out photos: {_num(agreement)}"))
+    for name, measured in (info.get("metrics", {}).get("profiles") or {}).items():
+        rows.append((f"profile {name}" if len(name) <= 12 else name, profile_numbers(measured)))
     validation = info.get("metrics", {}).get("validation", {}).get("cdm_dev", {})
     if validation.get("spearman") is not None:
         rows.append(("", f"cdm_dev (another lab's photos, validation): Spearman {_num(validation['spearman'])}"

@@ -53,6 +53,16 @@ class StudySpec(DatasetSpec):
     shared: bool = True  # its rows (mapped scores) also fit the shared output (model.shared_output)
     weight: float = 1.0  # its share in fits that pool studies' rows (the shared output): see data.balance_studies
     blend: float = -1.0  # its profile: blend x its output + (1 - blend) x teacher output; < 0: model.score_blend
+    # true: the blend is chosen from 0, 0.05, ..., 1 by the inner CV of its output's fit (the
+    # out-of-fold predictions blended with the teacher output, mean Spearman rho over the inner folds)
+    blend_cv: bool = False
+    # Its output's kernel share of the memory branch's taps (model.branch = "resmem"); < 0:
+    # readout.branch_share_labelled
+    branch_share: float = -1.0
+    # What its profile is calibrated onto: "" = its training targets (its scores by `mapping`);
+    # quantile | zscore: its scores mapped onto the scale study's training scores that way (e.g. an
+    # output fitted on raw hit rates, mapping = "none", its profile still on the common scale)
+    calibration: str = ""
     cache: str = ""  # explicit .npy feature cache of its photos (default: found or named in data.cache_dir)
 
 
@@ -140,8 +150,15 @@ class ProfilesConfig:
     # default: sigmoid (per study sigmoid((domain column - model.gate_center) / model.gate_width),
     # general takes the rest) | softmax (over the domain columns / temperature, the teacher's column
     # going to general) | none (default = the scale study's profile). Needs model.domain_gate.
+    # platt: the sigmoid gate with each study's centre and width fitted (class-balanced logistic, Platt)
+    # on the domain output's closed-form leave-one-out outputs over its own training photos.
     gate: str = "sigmoid"
     temperature: float = 0.1
+    # Level alignment of the default mixture: none | teacher. A study's labels rank photos within
+    # that study only; "teacher" shifts each study profile by m_s = mean(profile - general) over
+    # the teacher's training photos (no labels) before mixing, and every component by the scale
+    # study's m, so that photos like the scale study's keep its profile's scores unchanged.
+    align: str = "none"
     aliases: list[str] = field(default_factory=lambda: ["outdoor=lnsim"])  # "ALIAS=PROFILE"; missing targets skipped
 
 
@@ -203,6 +220,9 @@ class ReadoutConfig:
     # the studies' outputs and the teacher output; the trunk's taps share the rest.
     branch_share_labelled: float = 0.0
     branch_share_teacher: float = 0.0
+    # The domain output's penalties ([] = alphas): one fixed value keeps its outputs' scale, which
+    # the gate's centres and widths read, the same in every run
+    domain_alphas: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -116,6 +116,9 @@ class RunSpec:
     holdout_idx: np.ndarray  # teacher photos never trained on (agreement)
     test_study: str = ""  # the study the test photos come from
     trained: tuple[str, ...] = ()  # the studies with training photos in this run
+    # per pool photo: what its study's profile is calibrated onto (its target unless the study
+    # names a `calibration` mapping); None: the targets
+    calibration: np.ndarray | None = None
 
     def counts(self, pool: Pool) -> dict:
         n = pool.n_labelled
@@ -150,6 +153,12 @@ def make_run_spec(cfg: Config, pool: Pool, name: str, run_dir: Path, train: dict
         mapping = "none" if s == reference_study else cfg.data.study(s).mapping
         targets[idx] = map_scores(truth[idx], reference, mapping) if mapping != "none" else truth[idx]
         weights[idx] = 1.0
+    calibration = None
+    for s, idx in lab.items():  # e.g. an output fitted on raw hit rates, its profile on the common scale
+        cal = cfg.data.study(s).calibration
+        if cal and s != reference_study:
+            calibration = targets.copy() if calibration is None else calibration
+            calibration[idx] = map_scores(truth[idx], reference, cal)
     parts = list(lab.values())
     t_train = keep(t_train)
     if pool.teacher is not None and len(t_train) and cfg.data.teacher.weight > 0:
@@ -159,7 +168,7 @@ def make_run_spec(cfg: Config, pool: Pool, name: str, run_dir: Path, train: dict
         parts.append(t_train)
     val_idx = np.concatenate([pool.idx_of(s, keys) for s, keys in val.items()] or [np.zeros(0, int)])
     return RunSpec(name, run_dir, np.concatenate(parts), targets, weights, val_idx.astype(int), test_idx,
-                   t_hold, test_study, tuple(lab))
+                   t_hold, test_study, tuple(lab), calibration)
 
 
 def load_data(cfg: Config) -> tuple[dict[str, ScoredImages], ScoredImages | None]:

@@ -88,12 +88,20 @@ class RunOutputs:
 
     idx: np.ndarray  # sorted unique pool indices
     values: np.ndarray  # (len(idx), n_outputs)
+    readout: dict | None = None  # what the readout fit chose (blends by inner CV, the Platt gate), if any
+    teacher_train: np.ndarray | None = None  # the teacher's training photos, with profiles.align = "teacher"
 
     @classmethod
-    def of_run(cls, ctx: RunContext, spec: RunSpec, *, trunk_changed: bool) -> "RunOutputs":
+    def of_run(cls, ctx: RunContext, spec: RunSpec, *, trunk_changed: bool, readout: dict | None = None
+               ) -> "RunOutputs":
         lab = spec.train_idx[spec.train_idx < ctx.pool.n_labelled]
-        idx = np.unique(np.concatenate([spec.test_idx, spec.holdout_idx, spec.val_idx, lab]).astype(int))
-        return cls(idx, head_outputs(ctx, idx, trunk_changed=trunk_changed))
+        parts = [spec.test_idx, spec.holdout_idx, spec.val_idx, lab]
+        teacher_train = None
+        if ctx.cfg.profiles.align == "teacher":  # the level offsets are means over them
+            teacher_train = spec.train_idx[spec.train_idx >= ctx.pool.n_labelled].astype(int)
+            parts.append(teacher_train)
+        idx = np.unique(np.concatenate(parts).astype(int))
+        return cls(idx, head_outputs(ctx, idx, trunk_changed=trunk_changed), readout, teacher_train)
 
     def __getitem__(self, idx) -> np.ndarray:
         return self.values[np.searchsorted(self.idx, np.asarray(idx, dtype=int))]
@@ -105,7 +113,17 @@ class RunOutputs:
         for k, s in enumerate(ctx.pool.studies):
             if s.name in spec.trained:
                 idx = spec.train_idx[which == k]
-                out[s.name] = (self[idx], spec.targets[idx])
+                cal = spec.targets if spec.calibration is None else spec.calibration
+                out[s.name] = (self[idx], cal[idx])
+        return out
+
+    def fitted(self) -> dict:
+        """fit_profiles' keyword arguments from what the readout fit chose and the teacher photos' outputs."""
+        r = self.readout or {}
+        out = {"chosen_blends": {k: v["blend"] for k, v in r.items() if isinstance(v, dict) and "blend" in v},
+               "platt": {k: tuple(v) for k, v in r.get("domain", {}).get("platt", {}).items()}}
+        if self.teacher_train is not None:
+            out["align_outputs"] = self[self.teacher_train]
         return out
 
 
@@ -114,7 +132,7 @@ def fit_run_profiles(ctx: RunContext, spec: RunSpec, outputs: RunOutputs, **chan
     from .profile_fit import fit_profiles
 
     profiles = fit_profiles(ctx.cfg, ctx.model.cfg.output_names, outputs.training_by_study(ctx, spec),
-                            log=lambda m: ctx.log(f"{spec.name}: {m}"), **changes)
+                            log=lambda m: ctx.log(f"{spec.name}: {m}"), **outputs.fitted(), **changes)
     ctx.model.set_profiles(profiles)
     for p in profiles:
         if p.kind == "blend" and (p.scale, p.shift) != (1.0, 0.0):
@@ -136,7 +154,8 @@ def blend_curve(ctx: RunContext, spec: RunSpec, outputs: RunOutputs) -> list[dic
     train = outputs.training_by_study(ctx, spec)
     layout, rows = ctx.model.cfg.output_names, []
     for b in BLEND_GRID:
-        mcfg = replace(ctx.model.cfg, profiles=fit_profiles(ctx.cfg, layout, train, blends={spec.test_study: b}))
+        mcfg = replace(ctx.model.cfg, profiles=fit_profiles(ctx.cfg, layout, train, blends={spec.test_study: b},
+                                                            **outputs.fitted()))
         row = {"blend": b, "spearman": spearman(scores_of(test, mcfg, spec.test_study), truth[spec.test_idx])}
         if hold is not None:
             row["teacher_holdout_spearman"] = spearman(scores_of(hold, mcfg, spec.test_study), truth[spec.holdout_idx])

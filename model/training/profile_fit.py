@@ -68,12 +68,16 @@ def _calibrated(name: str, inputs, weights, layout, train, log, description: str
 
 
 def fit_profiles(cfg: Config, layout: tuple[str, ...], train: dict, *, blends: dict | None = None,
-                 gate: dict | None = None, log=None) -> tuple[ProfileSpec, ...]:
+                 gate: dict | None = None, log=None, chosen_blends: dict | None = None, platt: dict | None = None,
+                 align_outputs: np.ndarray | None = None) -> tuple[ProfileSpec, ...]:
     """The profiles of a run from its head outputs. `train`: study -> (outputs (n, k) of its
-    training photos, their common-scale targets (n,)), or None for no calibration, for every study
-    trained in the run (in config order). `blends` (study -> blend) and `gate` (keys of
-    [profiles], model.gate_center / gate_width) override the config's, for re-scoring."""
-    blends, gate = blends or {}, gate or {}
+    training photos, their common-scale calibration targets (n,)), or None for no calibration, for
+    every study trained in the run (in config order). `blends` (study -> blend) and `gate` (keys of
+    [profiles], model.gate_center / gate_width) override the config's, for re-scoring.
+    What the readout fit chose from the training photos: `chosen_blends` (study -> blend, studies
+    with blend_cv), `platt` (study -> (centre, width), profiles.gate = "platt"); `align_outputs`:
+    head outputs (n, k) of the teacher's training photos (profiles.align = "teacher")."""
+    blends, gate = {**(chosen_blends or {}), **(blends or {})}, gate or {}
     teacher = "teacher" in layout
     profiles = []
     for study, data in train.items():
@@ -85,7 +89,10 @@ def fit_profiles(cfg: Config, layout: tuple[str, ...], train: dict, *, blends: d
     general = _general(cfg, layout, train, gate, log)
     if general is not None:
         profiles.append(general)
-    profiles.append(_default(cfg, layout, list(train), general is not None, gate))
+    default = _default(cfg, layout, list(train), general is not None, gate, platt or {})
+    if default.kind == "mixture" and gate.get("align", cfg.profiles.align) == "teacher":
+        default = _aligned(cfg, default, profiles + [general], layout, align_outputs, list(train), log)
+    profiles.append(default)
     names = {p.name for p in profiles}
     for item in cfg.profiles.aliases:
         alias, _, target = item.partition("=")
@@ -107,7 +114,35 @@ def _general(cfg: Config, layout, train: dict, gate: dict, log) -> ProfileSpec |
     return None
 
 
-def _default(cfg: Config, layout, studies: list[str], has_general: bool, gate: dict) -> ProfileSpec:
+def _aligned(cfg: Config, default: ProfileSpec, components: list[ProfileSpec], layout, outputs, studies, log
+             ) -> ProfileSpec:
+    """`default` with level offsets: component s gets m_scale - m_s, general m_scale, where
+    m_s = mean(raw_s - raw_general) over the teacher's training photos (`outputs`) and m_scale is
+    the scale study's m (the first trained study's when it is left out). raw_s - m_s + m_scale:
+    photos like the scale study's keep its profile's scores; others are compared on one level."""
+    from dataclasses import replace
+
+    if outputs is None or len(outputs) == 0:  # e.g. the untrained model's profiles: nothing to align on yet
+        return default
+    by_name = {p.name: p for p in components}
+
+    def raw(name):
+        p = by_name[name]
+        return p.scale * sum(w * outputs[:, layout.index(c)].astype(np.float64) for c, w in zip(p.inputs, p.weights)) \
+            + p.shift
+
+    general = raw("general")
+    m = {s: float(np.mean(raw(s) - general)) for s in default.inputs if s != "general"}
+    scale_study = cfg.data.scale_study if cfg.data.scale_study in m else studies[0]
+    offsets = tuple(m[scale_study] - m[s] if s != "general" else m[scale_study] for s in default.inputs)
+    if log is not None:
+        log("default profile: level offsets " + ", ".join(f"{s} {o:+.4f}" for s, o in zip(default.inputs, offsets))
+            + " (m_s = mean(profile - general) over the teacher's training photos: "
+            + ", ".join(f"{s} {v:.4f}" for s, v in m.items()) + ")")
+    return replace(default, offsets=offsets)
+
+
+def _default(cfg: Config, layout, studies: list[str], has_general: bool, gate: dict, platt: dict) -> ProfileSpec:
     kind = gate.get("gate", cfg.profiles.gate)
     if not (has_general and "domain.teacher" in layout and kind != "none"):
         first = cfg.data.scale_study if cfg.data.scale_study in studies else studies[0]
@@ -120,8 +155,13 @@ def _default(cfg: Config, layout, studies: list[str], has_general: bool, gate: d
                            description="each study's profile where the domain output says the photo is like its "
                                        "photos, general elsewhere")
     c, w = gate.get("gate_center", cfg.model.gate_center), gate.get("gate_width", cfg.model.gate_width)
+    # platt: each study's own centre and width, fitted by the readout fit (before it, e.g. the
+    # untrained model's profiles, the config's centre and width)
+    fitted = platt if kind == "platt" else {}
+    centers = tuple(fitted[s][0] if s in fitted else c for s in studies)
+    widths = tuple(fitted[s][1] if s in fitted else w for s in studies)
     return ProfileSpec("default", kind="mixture", gate="sigmoid", inputs=inputs,
                        gate_inputs=(*(f"domain.{s}" for s in studies), ""),
-                       centers=(c,) * len(studies) + (0.0,), widths=(w,) * len(studies) + (1.0,),
+                       centers=(*centers, 0.0), widths=(*widths, 1.0),
                        description="each study's profile where the domain output says the photo is like its photos, "
                                    "general elsewhere")

@@ -73,6 +73,10 @@ class RidgeFit:
     bias: float
     alpha: float
     inner_rho: dict  # alpha -> mean inner-CV Spearman rho
+    # inner-CV predictions of the chosen alpha on the scored (eval) rows, NaN elsewhere, and each
+    # row's inner fold (None without an inner CV): what a blend chosen by inner CV reads
+    oof: np.ndarray | None = None
+    fold: np.ndarray | None = None
 
 
 class TapKernel:
@@ -160,9 +164,11 @@ def fit_ridge_columns(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, a
     m = y.shape[1]
     inner: list[dict] = [{} for _ in range(m)]
     chosen = [alphas[0]] * m
+    fold_of, oof = None, {}
     if len(alphas) > 1:
         fold_of = inner_folds(groups, folds, seed)
         scores = {a: [[] for _ in range(m)] for a in alphas}
+        oof = {a: np.full((len(y), m), np.nan) for a in alphas}
         for k in range(folds):
             tr, te = np.flatnonzero(fold_of != k), np.flatnonzero((fold_of == k) & eval_rows)
             if len(te) < 3:
@@ -171,6 +177,7 @@ def fit_ridge_columns(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, a
             for a in alphas:
                 dual, y_mean = _solve(kernel.gram[np.ix_(tr, tr)], target[tr], sw[tr], a)
                 pred = offset[te] + cross @ dual + y_mean
+                oof[a][te] = pred
                 for c in range(m):
                     scores[a][c].append(spearman(pred[:, c], y[te, c]))
         for c in range(m):
@@ -182,7 +189,8 @@ def fit_ridge_columns(kernel: TapKernel, y: np.ndarray, groups: np.ndarray, *, a
         dual, y_mean = _solve(kernel.gram, target[:, cols], sw, a)
         weight, bias = kernel.primal(dual, y_mean)
         for j, c in enumerate(cols):
-            fits[c] = RidgeFit(weight=weight[:, j], bias=float(bias[j]), alpha=a, inner_rho=inner[c])
+            fits[c] = RidgeFit(weight=weight[:, j], bias=float(bias[j]), alpha=a, inner_rho=inner[c],
+                               oof=oof[a][:, c] if a in oof else None, fold=fold_of)
     return fits
 
 

@@ -41,8 +41,8 @@ def fit_readout_head(ctx: RunContext, spec: RunSpec) -> tuple[dict, dict]:
                      r.branch_share_teacher, r.teacher_alphas or r.alphas))
     for s in trained:
         idx = train[which == pool.studies.index(s)]
-        jobs.append((s.name, [s.name], idx, spec.targets[idx][:, None], spec.weights[idx],
-                     r.branch_share_labelled, r.alphas))
+        share = s.spec.branch_share if s.spec.branch_share >= 0 else r.branch_share_labelled
+        jobs.append((s.name, [s.name], idx, spec.targets[idx][:, None], spec.weights[idx], share, r.alphas))
     if "shared" in names:
         idx, w = _shared_rows(ctx, spec, trained, which)
         jobs.append(("shared", ["shared"], idx, spec.targets[idx][:, None], w, r.branch_share_labelled, r.alphas))
@@ -51,7 +51,8 @@ def fit_readout_head(ctx: RunContext, spec: RunSpec) -> tuple[dict, dict]:
         y = np.eye(len(trained) + 1)[cls]
         counts = np.bincount(cls, minlength=len(trained) + 1)
         w = 1.0 / (len(trained) + 1) / np.maximum(counts[cls], 1) * len(train)  # each class the same total
-        jobs.append(("domain", [f"domain.{s.name}" for s in trained] + ["domain.teacher"], train, y, w, 0.0, r.alphas))
+        jobs.append(("domain", [f"domain.{s.name}" for s in trained] + ["domain.teacher"], train, y, w, 0.0,
+                     r.domain_alphas or r.alphas))
     head = model.head
     import torch
 
@@ -108,6 +109,7 @@ def _fit_job(ctx, spec, label, columns, idx, y, row_weight, share, alphas, coef)
     fits = fit_ridge_columns(kernel, y, np.tile(idx, len(job_augs)), alphas=alphas, folds=cfg.readout.inner_folds,
                              seed=cfg.train.seed, sample_weight=np.tile(row_weight, len(job_augs)),
                              eval_rows=np.repeat(np.arange(len(job_augs)) == plain, len(idx)), offset=prior)
+    platt = _platt_gate(ctx, label, columns, kernel, y, row_weight, job_augs, fits)
     del kernel
     weights = []
     for fit in fits:
@@ -117,8 +119,14 @@ def _fit_job(ctx, spec, label, columns, idx, y, row_weight, share, alphas, coef)
         weights.append((weight, bias))
     _set_columns(model, columns, weights, coef)
     info = {"rows": int(len(idx) * len(job_augs)), "alpha": fits[0].alpha, "branch_share": share,
-            "inner_cv_spearman": {str(a): r for a, r in fits[0].inner_rho.items()},
-            "seconds": time.perf_counter() - start}
+            "inner_cv_spearman": {str(a): r for a, r in fits[0].inner_rho.items()}}
+    if platt:
+        info["platt"] = platt
+    if label in pool.names and pool.study(label).spec.blend_cv:
+        info.update(_blend_by_inner_cv(ctx, idx, y[:, 0], fits[0], len(job_augs), plain, coef))
+        ctx.log(f"{spec.name}: profile {label}: blend {info['blend']:g} by inner CV "
+                f"(rho {info['blend_inner_cv_spearman'][info['blend']]:.4f})")
+    info["seconds"] = time.perf_counter() - start
     if len(columns) > 1:
         info["columns"] = {c: {"alpha": f.alpha, "inner_cv_spearman": {str(a): r for a, r in f.inner_rho.items()}}
                            for c, f in zip(columns, fits)}
@@ -133,6 +141,39 @@ def _fit_job(ctx, spec, label, columns, idx, y, row_weight, share, alphas, coef)
             + f") alpha {fits[0].alpha:g}" + (f" (inner-CV rho {inner})" if inner else "")
             + f", {info['seconds']:.0f} s")
     return info
+
+
+def _blend_by_inner_cv(ctx, idx, y, fit, n_augs, plain, coef) -> dict:
+    """The study profile's blend (profile_choice.choose_blend) from the out-of-fold predictions of
+    its output's chosen penalty on the unaugmented rows, against the teacher output on them."""
+    from .profile_choice import choose_blend
+
+    if fit.oof is None or "teacher" not in coef:
+        raise TrainError("blend_cv needs an inner CV (two or more readout.alphas) and the teacher output")
+    rows = slice(plain * len(idx), (plain + 1) * len(idx))
+    features = ctx.pool.features
+    w_t, b_t = coef["teacher"]
+    teacher = features.rows(idx, features.augmentations.index("none")).astype(np.float64) @ w_t + b_t
+    b, rho = choose_blend(fit.oof[rows], teacher, y[rows], fit.fold[rows])
+    return {"blend": b, "blend_inner_cv_spearman": rho}
+
+
+def _platt_gate(ctx, label, columns, kernel, y, row_weight, job_augs, fits) -> dict:
+    """profiles.gate = "platt": per study column, the (centre, width) of a Platt fit on the domain
+    output's leave-one-out outputs over its own training rows (that study's photos against all the
+    others). {} for other outputs and gates."""
+    from .profile_choice import loo_outputs, platt
+
+    if label != "domain" or ctx.cfg.profiles.gate != "platt":
+        return {}
+    if len({f.alpha for f in fits}) > 1:
+        raise TrainError("profiles.gate = 'platt' needs one penalty for every domain column: "
+                         "give readout.domain_alphas one value")
+    loo = loo_outputs(kernel.gram, y, np.tile(row_weight, len(job_augs)), fits[0].alpha)
+    out = {}
+    for j, column in enumerate(columns[:-1]):  # the teacher's column: general takes the rest
+        out[column.split(".", 1)[1]] = list(platt(loo[:, j], y[:, j] > 0.5))
+    return out
 
 
 def _set_columns(model, columns, weights, coef) -> None:

@@ -28,7 +28,7 @@ def train_run(ctx: RunContext, spec: RunSpec) -> tuple[dict, RunOutputs] | None:
     summary = fit(ctx, spec)
     if summary is None:
         return None
-    outputs = RunOutputs.of_run(ctx, spec, trunk_changed=summary["trunk_changed"])
+    outputs = RunOutputs.of_run(ctx, spec, trunk_changed=summary["trunk_changed"], readout=summary.get("readout"))
     fit_run_profiles(ctx, spec, outputs)
     return summary, outputs
 
@@ -114,6 +114,9 @@ def write_checkpoint(ctx: RunContext, spec: RunSpec, summary, final_metrics: dic
     cv_path = ctx.run_info.get("cv_results")
     if cv_path:
         metrics["cross_validation"] = cv_summary(read_cv_results(cv_path))
+        measured = profile_metrics(metrics["cross_validation"].get("summary"), cfg.data.scale_study)
+        if measured:
+            metrics["profiles"] = measured
     # "labelled" (the scale study) as before named studies, for readers of older metadata
     data = {"studies": [asdict(s) for s in cfg.data.studies], "scale": cfg.data.scale_study,
             "labelled": asdict(cfg.data.study(cfg.data.scale_study))}
@@ -184,6 +187,26 @@ def cv_summary(report: dict) -> dict:
     and every protocol's summary."""
     keys = ("dataset", "splits", "mean", "std", "top_bottom", "splits_file", "run_dir", "blend_curve", "summary")
     return {k: report[k] for k in keys if k in report}
+
+
+def profile_metrics(summary: dict | None, scale_study: str) -> dict:
+    """metrics.profiles of a checkpoint (what `resmemnet info` and /readyz show) from a cv.json's
+    summary: per profile, Spearman rho of `within_cv` (mean over each study's folds), `loso` (each
+    study left out) and `teacher_agreement` (mean over the scale study's folds). {} without one."""
+    if not summary or not summary.get("within"):
+        return {}
+    within, loso = summary["within"], summary.get("loso") or {}
+    names = list(dict.fromkeys(p for study in within.values() for p in study))
+    out = {}
+    for p in names:
+        entry = {"within_cv": {s: v[p]["spearman"]["mean"] for s, v in within.items() if p in v}}
+        if loso:
+            entry["loso"] = {s: v[p]["spearman"] for s, v in loso.items() if p in v}
+        agreement = within.get(scale_study, {}).get(p, {}).get("teacher_agreement", {}).get("mean")
+        if agreement is not None:
+            entry["teacher_agreement"] = agreement
+        out[p] = entry
+    return out
 
 
 def provenance(run_info: dict) -> dict:

@@ -15,7 +15,8 @@ SELECTIONS = ("last", "best_val")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 GENERALS = ("teacher", "shared")
-DEFAULT_GATES = ("sigmoid", "softmax", "none")
+DEFAULT_GATES = ("sigmoid", "platt", "softmax", "none")
+ALIGNMENTS = ("none", "teacher")
 STUDY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 # names a study cannot take: they are the other outputs' and profiles'
 RESERVED = ("default", "general", "teacher", "shared", "domain", "labelled")
@@ -169,6 +170,18 @@ def _check_studies(cfg: Config) -> None:
             raise ConfigError(f"{where}.blend must be in [0, 1] (or negative for model.score_blend)")
         if s.blend >= 0 and s.blend < 1 and not cfg.model.teacher_output:
             raise ConfigError(f"{where}.blend < 1 needs model.teacher_output = true")
+        if s.blend_cv and not (cfg.model.teacher_output and cfg.model.head == "readout"):
+            raise ConfigError(f"{where}.blend_cv needs model.head = 'readout' and model.teacher_output = true")
+        if s.blend_cv and s.blend >= 0:
+            raise ConfigError(f"{where}: give blend or blend_cv, not both")
+        if s.blend_cv and len(cfg.readout.alphas) < 2:
+            raise ConfigError(f"{where}.blend_cv reads the inner CV of the penalty: readout.alphas needs two or more")
+        if s.branch_share > 1:
+            raise ConfigError(f"{where}.branch_share must be in [0, 1] (or negative for readout.branch_share_labelled)")
+        if s.branch_share > 0 and cfg.model.branch == "none":
+            raise ConfigError(f"{where}.branch_share > 0 needs model.branch = 'resmem'")
+        if s.calibration:
+            _choice(s.calibration, ("quantile", "zscore"), f"{where}.calibration")
     names = [s.name for s in d.studies]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -192,6 +205,10 @@ def _check_profiles(cfg: Config) -> None:
         raise ConfigError("profiles.general_blend < 1 needs model.teacher_output = true")
     if not (p.temperature > 0 and math.isfinite(p.temperature)):
         raise ConfigError("profiles.temperature must be a positive number")
+    _choice(p.align, ALIGNMENTS, "profiles.align")
+    if p.align == "teacher" and not (m.domain_gate and m.teacher_output and p.gate != "none"):
+        raise ConfigError("profiles.align = 'teacher' aligns the gated default: it needs model.domain_gate, "
+                          "model.teacher_output and a profiles.gate")
     names = [s.name for s in cfg.data.studies]
     for item in p.aliases:
         alias, _, target = item.partition("=")
@@ -209,8 +226,9 @@ def _check_readout(cfg: Config, tap_weightings) -> None:
     r, m = cfg.readout, cfg.model
     if not r.alphas or any(not (a > 0 and math.isfinite(a)) for a in r.alphas):
         raise ConfigError("readout.alphas must be a non-empty list of positive numbers")
-    if any(not (a > 0 and math.isfinite(a)) for a in r.teacher_alphas):
-        raise ConfigError("readout.teacher_alphas must be positive numbers (or [] for readout.alphas)")
+    for name in ("teacher_alphas", "domain_alphas"):
+        if any(not (a > 0 and math.isfinite(a)) for a in getattr(r, name)):
+            raise ConfigError(f"readout.{name} must be positive numbers (or [] for readout.alphas)")
     if r.inner_folds < 2:
         raise ConfigError("readout.inner_folds must be >= 2")
     _choice(r.tap_weighting, tap_weightings, "readout.tap_weighting")
