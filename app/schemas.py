@@ -110,7 +110,8 @@ class ProfileInfo(BaseModel):
     has_percentile: bool = Field(description="whether the profile has reference quantiles (a `percentile` in answers)")
     measured: dict | None = Field(default=None, description=(
         "the checkpoint's measured numbers for the profile (Spearman rho: `within_cv` per study, `loso` per "
-        "study, `teacher_agreement`), as its metadata's metrics.profiles holds them; null where it has none"))
+        "study, `teacher_agreement`, `validation` per set never trained on), from its metadata (metrics.profiles, "
+        "or for older checkpoints their cross_validation, final_run and validation records); null where it has none"))
 
 
 class ReadyResponse(BaseModel):

@@ -154,7 +154,7 @@ class ServiceState:
         from model.profiles import profile_specs
 
         meta = self.scorer.meta
-        measured = (meta.metrics.get("profiles") or {}) if meta is not None else {}
+        measured = meta.profile_metrics() if meta is not None else {}
         rows = []
         for spec in profile_specs(self.scorer.config):
             rows.append({"name": spec.name, "description": spec.description,

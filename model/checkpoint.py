@@ -62,6 +62,29 @@ class CheckpointMeta:
             return self.reference.get("quantiles")
         return (self.reference.get("profiles") or {}).get(profile)
 
+    def profile_metrics(self) -> dict[str, dict]:
+        """Measured Spearman rho per score profile: metadata `metrics.profiles` where the checkpoint
+        has it; for checkpoints written before it, what the older fields hold: the default
+        profile's `within_cv` (metrics.cross_validation) and `teacher_agreement`
+        (metrics.final_run), every profile's numbers on `validation` sets (metrics.validation)."""
+        if self.metrics.get("profiles"):
+            return self.metrics["profiles"]
+        out: dict[str, dict] = {}
+        cv = self.metrics.get("cross_validation") or {}
+        # the served setting re-scored on the CV run's folds, where the run was made with other scalars
+        rho = (cv.get("shipped_setting") or {}).get("spearman_mean", (cv.get("mean") or {}).get("spearman"))
+        if rho is not None and cv.get("dataset"):
+            out.setdefault("default", {})["within_cv"] = {cv["dataset"]: round(rho, 4)}
+        agreement = ((self.metrics.get("final_run") or {}).get("teacher_holdout") or {}).get("spearman")
+        if agreement is not None:
+            out.setdefault("default", {})["teacher_agreement"] = round(agreement, 4)
+        for name, v in (self.metrics.get("validation") or {}).items():
+            per_profile = {"default": v.get("spearman"), **(v.get("profiles") or {})}
+            for profile, r in per_profile.items():
+                if r is not None:
+                    out.setdefault(profile, {}).setdefault("validation", {})[name] = round(r, 4)
+        return out
+
     def percentile(self, score: float, profile: str = "default") -> float | None:
         """Rank of `score` (0-100) among the reference photos, interpolated between the stored
         quantiles of `profile`; None when the checkpoint has none for it (no reference set)."""

@@ -177,3 +177,24 @@ def test_saved_tensor_file_has_the_json_files_mode(tiny_checkpoint):
 
     modes = [stat.S_IMODE(tiny_checkpoint.with_suffix(s).stat().st_mode) for s in (".json", ".safetensors")]
     assert modes[0] == modes[1]
+
+
+def test_profile_metrics_come_from_metrics_profiles_or_the_older_records(tiny_checkpoint):
+    """/readyz's `measured`: metrics.profiles as written; a checkpoint from before it gets what its
+    cross_validation (the served setting where recorded), final_run and validation records hold."""
+    import dataclasses
+
+    from model.checkpoint import read_meta
+
+    meta = read_meta(tiny_checkpoint)
+    new = dataclasses.replace(meta, metrics={"profiles": {"default": {"within_cv": {"lnsim": 0.6}}}})
+    assert new.profile_metrics() == {"default": {"within_cv": {"lnsim": 0.6}}}
+    old = dataclasses.replace(meta, metrics={
+        "cross_validation": {"dataset": "lnsim", "mean": {"spearman": 0.57694},
+                             "shipped_setting": {"spearman_mean": 0.5764}},
+        "final_run": {"teacher_holdout": {"spearman": 0.85805}},
+        "validation": {"cdm_dev": {"spearman": 0.161, "profiles": {"general": 0.2085, "outdoor": 0.1437}}}})
+    assert old.profile_metrics() == {
+        "default": {"within_cv": {"lnsim": 0.5764}, "teacher_agreement": 0.858, "validation": {"cdm_dev": 0.161}},
+        "general": {"validation": {"cdm_dev": 0.2085}}, "outdoor": {"validation": {"cdm_dev": 0.1437}}}
+    assert dataclasses.replace(meta, metrics={}).profile_metrics() == {}
