@@ -222,3 +222,49 @@ def test_onnxruntime_scores_every_profile_without_the_torch_model(profile_checkp
     table = scorer.profile_score_batch(batch, ["outdoor", "default"])
     np.testing.assert_allclose(table, ref.profile_score_batch(batch, ["outdoor", "default"]), atol=TOLERANCE, rtol=0)
     assert scorer._model is None  # no profile needed the torch model
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_an_onnx_file_selects_onnxruntime_unless_a_backend_is_named(tmp_path, monkeypatch):
+    """`score --onnx FILE` / `serve --onnx FILE` run that export: without --backend (or
+    $RESMEMNET_BACKEND) the default ("auto" for score, torch for serve) would pick torch on a
+    bf16 CPU (score) or always (serve) and ignore the file without a word."""
+    from app.cli import main
+    from app.cli import score as cli_score
+    from app.cli import serve as cli_serve
+
+    seen = {}
+
+    def fake_load_scorer(args, **kwargs):
+        seen["score"] = kwargs["backend"]
+        raise _Stop
+
+    def fake_check_auth(settings):
+        seen["serve"] = settings.backend
+        return "stop here"
+
+    monkeypatch.setattr(cli_score, "load_scorer", fake_load_scorer)
+    monkeypatch.setattr(cli_serve, "check_auth", fake_check_auth)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(make_image(size=(64, 64), seed=1))
+    onnx = str(tmp_path / "m.onnx")
+    cases = [([], None, "onnxruntime"), (["--backend", "torch"], None, "torch"), ([], "torch", "torch")]
+    for flags, env, expected in cases:
+        if env is None:
+            monkeypatch.delenv("RESMEMNET_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("RESMEMNET_BACKEND", env)
+        with pytest.raises(_Stop):
+            main(["score", str(image), "--onnx", onnx, "--no-progress", *flags])
+        assert seen["score"] == expected, (flags, env)
+        assert main(["serve", "--onnx", onnx, *flags]) == 2
+        assert seen["serve"] == expected, (flags, env)
+    monkeypatch.delenv("RESMEMNET_BACKEND", raising=False)
+    with pytest.raises(_Stop):
+        main(["score", str(image), "--no-progress"])
+    assert seen["score"] == "auto"  # no --onnx: the default is unchanged
+    assert main(["serve"]) == 2
+    assert seen["serve"] == "torch"

@@ -110,7 +110,10 @@ def run_score(args) -> int:
     entries = ordered_inputs(args.paths)
     if not entries:
         return fail("no files found under the given paths")
-    backend = backend_setting(args.backend, default=CLI_DEFAULT_BACKEND)
+    # An export named with --onnx is what the user wants run: without --backend (or
+    # $RESMEMNET_BACKEND) it means onnxruntime, not "auto" (which picks torch on bf16 CPUs and
+    # would ignore the file).
+    backend = backend_setting(args.backend, default="onnxruntime" if getattr(args, "onnx", None) else CLI_DEFAULT_BACKEND)
     scorer = load_scorer(args, precision="fp32" if args.fp32 else args.precision, backend=backend)
     profile = checked_profile(scorer, args.profile)
     if args.shard or args.resume:  # one slice of the inputs and/or appending to --out

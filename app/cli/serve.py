@@ -19,7 +19,11 @@ def register(sub) -> None:
     p.add_argument("--weights", metavar="FILE", help="checkpoint .json (env RESMEMNET_WEIGHTS, default: the shipped one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="env RESMEMNET_DEVICE, default auto")
     p.add_argument("--onnx", metavar="FILE", help="the ONNX export the onnxruntime backend serves (env RESMEMNET_ONNX; "
-                                                  "default: this checkpoint's export in the cache)")
+                                                  "default: this checkpoint's export in the cache); "
+                                                  "without --backend or RESMEMNET_BACKEND it selects onnxruntime")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
+                   help="inference engine (env RESMEMNET_BACKEND; default torch where it is installed, "
+                        "onnxruntime with --onnx or without torch)")
     p.add_argument("--max-batch-size", type=int, metavar="N", help="1 turns batching off (env RESMEMNET_MAX_BATCH_SIZE)")
     p.add_argument("--max-wait-ms", type=float, metavar="MS", help="batch gathering window (env RESMEMNET_MAX_WAIT_MS)")
     p.add_argument("--queue-size", type=int, metavar="N", help="queued images before 503 (env RESMEMNET_QUEUE_SIZE)")
@@ -30,10 +34,14 @@ def register(sub) -> None:
 
 def run_serve(args) -> int:
     from app.settings import ServiceSettings, SettingsError
+    from model.environment import env_value
 
+    backend = getattr(args, "backend", None)
+    if backend is None and args.onnx and env_value("backend") is None:
+        backend = "onnxruntime"  # --onnx FILE is what to serve; the torch default would ignore it
     try:
         settings = ServiceSettings.from_env(
-            host=args.host, port=args.port, weights=args.weights, device=args.device, onnx=args.onnx,
+            host=args.host, port=args.port, weights=args.weights, device=args.device, onnx=args.onnx, backend=backend,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
             log_level=args.log_level)
     except SettingsError as exc:
