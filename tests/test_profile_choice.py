@@ -101,6 +101,8 @@ def test_mixture_offsets_shift_each_component_before_mixing():
     (["profiles.align=study"], "profiles.align"),
     (["profiles.align=teacher", "profiles.gate=none"], "aligns the gated default"),
     (["readout.domain_alphas=[0]"], "readout.domain_alphas must be positive"),
+    (['profiles.route=["lnsim", "lamem"]'], "profiles.route: 'lamem' names no study"),
+    (['profiles.route=["lnsim"]', "profiles.gate=softmax"], "needs profiles.gate = 'sigmoid' or 'platt'"),
 ])
 def test_recipe_option_errors(ws, tmp_path, overrides, message):  # noqa: F811
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -156,3 +158,29 @@ def test_a_final_run_fits_the_blend_the_gate_and_the_offsets_from_its_training_p
                         np.array([float(r["truth"]) for r in lnsim_rows]), "quantile")
     assert (specs["cdm"].scale, specs["cdm"].shift) == pytest.approx(affine_fit(raw, target), rel=1e-4, abs=1e-5)
     assert [float(r["target"]) for r in cdm_rows] == pytest.approx([float(r["truth"]) for r in cdm_rows])  # raw fit
+
+
+def test_a_routed_default_sends_only_the_named_studies_photos_to_their_profiles(ws, tmp_path):  # noqa: F811
+    """profiles.route = ["lnsim"]: the default mixes the lnsim profile (its Platt gate) and general;
+    cdm keeps its own profile and domain column; a run without LNSIM (leave-one-study-out) serves
+    general as its default."""
+    from model.checkpoint import load_checkpoint
+    from model.training.config import load_config
+    from model.training.profile_fit import fit_profiles, output_layout
+
+    path = a4b_config(tmp_path / "c.toml", ws)
+    path.write_text(path.read_text().replace('align = "teacher"\n', 'align = "teacher"\nroute = ["lnsim"]\n'))
+    run = tmp_path / "final"
+    assert train_main(["--config", str(path), "--out", str(run)]) == 0
+    _, meta = load_checkpoint(run / "tiny.json")
+    specs = {p.name: p for p in meta.architecture.profiles}
+    default, pl = specs["default"], meta.training["readout"]["domain"]["platt"]
+    assert default.inputs == ("lnsim", "general") and default.gate_inputs == ("domain.lnsim", "")
+    assert default.centers[0] == pytest.approx(pl["lnsim"][0]) and default.widths[0] == pytest.approx(pl["lnsim"][1])
+    assert default.offsets[0] == 0.0 and len(default.offsets) == 2
+    assert "cdm" in specs and "domain.cdm" in meta.architecture.output_names
+    cfg = load_config(str(path))
+    layout = output_layout(cfg)
+    rows = np.random.default_rng(0).normal(size=(30, len(layout))).astype(np.float32)
+    alone = {p.name: p for p in fit_profiles(cfg, layout, {"cdm": (rows, rows[:, 0])})}
+    assert alone["default"].kind == "alias" and alone["default"].inputs == ("general",)

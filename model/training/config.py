@@ -160,6 +160,12 @@ class ProfilesConfig:
     # study's m, so that photos like the scale study's keep its profile's scores unchanged.
     align: str = "none"
     aliases: list[str] = field(default_factory=lambda: ["outdoor=lnsim"])  # "ALIAS=PROFILE"; missing targets skipped
+    # The studies whose profiles the gated default routes photos to (empty: every study). A study
+    # left out is still trained, keeps its own profile and its domain column, but photos like its
+    # photos get `general` in the default: for a study whose profile gains little over `general` on
+    # its own photos and costs much on photos it wrongly claims (docs/model-card.md). A study not
+    # trained in a run (leave-one-study-out) is skipped; none left: default = general.
+    route: list[str] = field(default_factory=list)
 
 
 @dataclass

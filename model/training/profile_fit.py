@@ -13,7 +13,8 @@ Outputs: one per study (named after it), "shared" (model.shared_output), "teache
 - `default`: with a domain output, a gated mixture of the study profiles and `general`
   (profiles.gate sigmoid: model.gate_center / model.gate_width per study column, general taking
   the rest; softmax: over the studies' and the teacher's columns at profiles.temperature); without
-  one, the scale study's profile;
+  one, the scale study's profile. profiles.route limits the sigmoid gates to the studies it names
+  (the others' photos get `general`);
 - aliases (profiles.aliases, e.g. outdoor = lnsim) whose target exists.
 
 Every number here is fitted from head outputs alone, so a saved head_outputs.csv re-scores any
@@ -133,7 +134,7 @@ def _aligned(cfg: Config, default: ProfileSpec, components: list[ProfileSpec], l
 
     general = raw("general")
     m = {s: float(np.mean(raw(s) - general)) for s in default.inputs if s != "general"}
-    scale_study = cfg.data.scale_study if cfg.data.scale_study in m else studies[0]
+    scale_study = cfg.data.scale_study if cfg.data.scale_study in m else next(s for s in studies if s in m)
     offsets = tuple(m[scale_study] - m[s] if s != "general" else m[scale_study] for s in default.inputs)
     if log is not None:
         log("default profile: level offsets " + ", ".join(f"{s} {o:+.4f}" for s, o in zip(default.inputs, offsets))
@@ -147,6 +148,10 @@ def _default(cfg: Config, layout, studies: list[str], has_general: bool, gate: d
     if not (has_general and "domain.teacher" in layout and kind != "none"):
         first = cfg.data.scale_study if cfg.data.scale_study in studies else studies[0]
         return ProfileSpec("default", kind="alias", inputs=(first,), description=f"the {first} profile")
+    route = gate.get("route", cfg.profiles.route)
+    studies = [s for s in studies if not route or s in route]
+    if not studies:  # e.g. leave-one-study-out without the only routed study
+        return ProfileSpec("default", kind="alias", inputs=("general",), description="the general profile")
     inputs = (*studies, "general")
     if kind == "softmax":
         return ProfileSpec("default", kind="mixture", gate="softmax", inputs=inputs,

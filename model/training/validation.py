@@ -210,6 +210,13 @@ def _check_profiles(cfg: Config) -> None:
         raise ConfigError("profiles.align = 'teacher' aligns the gated default: it needs model.domain_gate, "
                           "model.teacher_output and a profiles.gate")
     names = [s.name for s in cfg.data.studies]
+    for study in p.route:
+        if study not in names:
+            raise ConfigError(f"profiles.route: {study!r} names no study (studies: {', '.join(names)})")
+    if p.route and p.gate not in ("sigmoid", "platt"):
+        # each study's sigmoid is its own, so leaving one out is well defined; a softmax is not
+        raise ConfigError("profiles.route chooses which study profiles the default's per-study gates open: "
+                          "it needs profiles.gate = 'sigmoid' or 'platt'")
     for item in p.aliases:
         alias, _, target = item.partition("=")
         if not alias or not target:
