@@ -97,6 +97,8 @@ def stage_cams(model, images: torch.Tensor, layers: Iterable[str] = ("layer4",),
                     acts[index] = h
             if not taps_all:
                 pooled = [global_pool(h)]
+            if getattr(model, "branch", None) is not None:  # its taps read the last pooled one (the ImageNet logits)
+                pooled = pooled + model.branch(x, pooled[-1])
             # fp32, as in the Scorer; "default" is exactly model.head(pooled)
             scores = profile_score(model.head.outputs(pooled), model.cfg, profile)
             # Each image's score depends only on its own activations (eval mode), so the gradient
