@@ -118,7 +118,7 @@ def _profile_graph(model):
             table = torch.stack([profile_score(outputs, self.net.cfg, p) for p in self.names], dim=1)
             if self.cams is None:
                 return table[:, 0], table
-            return table[:, 0], table, self.cams(outputs, fmap)
+            return table[:, 0], table, self.cams(outputs, fmap, pooled)
 
     return ProfileGraph(model).eval()  # eval: the exporter restores the wrapper's mode on everything inside it
 

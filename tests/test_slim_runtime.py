@@ -82,6 +82,94 @@ def test_export_carries_layer4_maps_equal_to_torch_grad_ram(export, photos):
     assert worst <= HEATMAP_TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def branch_export(tmp_path_factory):
+    """A gated readout over a random ResNet-152 *with* the memory branch (random too, read from a
+    stand-in for the resmem package's file, as a real checkpoint reads the package's), and its ONNX
+    export: (onnx file, checkpoint). About 120M parameters: the one export of its kind here."""
+    from safetensors.torch import save_file
+
+    from model.checkpoint import CheckpointMeta, save_checkpoint
+    from model.export import cached_onnx
+    from model.filecache import sha256_file
+    from model.network import build_resmemnet
+    from model.preprocess import Preprocessing, ResizePolicy, decode_image
+    from model.trunks import file_source
+
+    folder = tmp_path_factory.mktemp("branched")
+    torch.manual_seed(11)  # a seed whose maps of PHOTOS are none of them empty (all negative), in any profile
+    model = build_resmemnet(backbone="resnet152", head="readout", teacher_output=True, score_blend=0.7,
+                            domain_gate=True, branch="resmem")
+    package = {("features.fc." + k[len("imagenet_fc."):]) if k.startswith("imagenet_fc.") else k: v.contiguous()
+               for k, v in model.branch.state_dict().items()}
+    save_file(package, str(folder / "resmem-standin.safetensors"))
+    source = file_source(str(folder / "resmem-standin.safetensors"), depth="resnet152",
+                         sha256=sha256_file(folder / "resmem-standin.safetensors"))
+    preprocessing = Preprocessing(resize=ResizePolicy(size=64, multiple=32), input_scaling="imagenet")
+    out = model.head.out
+    with torch.no_grad():
+        images = torch.stack([preprocessing.image_to_tensor(decode_image(make_image(size=(120, 90), seed=2000 + i)))
+                              for i in range(8)])
+        # A random ResNet-152's activations grow ~1e6-fold over its 50 blocks (the branch's score
+        # saturates): its BatchNorm statistics are taken from these photos, as a trained trunk's
+        # are, and its residual branches damped (x 0.2); undamped, the random blocks amplify
+        # rounding ~1e3-fold (ONNX Runtime's layer4 then differs from torch's by 1e-3 relative).
+        for m in model.trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        model.trunk.train()
+        model.forward_features(images)
+        model.trunk.eval()
+        for block in model.blocks():
+            block.bn3.weight.mul_(0.2)
+            block.bn3.bias.mul_(0.2)
+        # as conftest's profile_checkpoint: outputs around 0.6, 0.4, 0.5
+        flat = torch.cat(model.forward_features(images), dim=1)
+        spread = (flat - flat.mean(dim=0)).std() * flat.shape[1] ** 0.5
+        out.weight.copy_(torch.randn_like(out.weight) * (0.1 / spread))
+        out.bias.copy_(torch.tensor([0.6, 0.4, 0.5]) - flat.mean(dim=0) @ out.weight.T)
+    meta = CheckpointMeta(name="test-branched", architecture=model.cfg, preprocessing=preprocessing, trunk=source,
+                          trunk_embedded=True, description="random trunk and memory branch, for tests",
+                          license="test only")
+    ckpt = save_checkpoint(model, meta, folder / "test-branched.json", embed_trunk=True)
+    return cached_onnx(ckpt, folder=folder / "cache").path, ckpt
+
+
+def test_export_with_memory_branch_carries_layer4_maps_equal_to_torch_grad_ram(branch_export, photos, monkeypatch):
+    """A readout with the memory branch (which reads p_last again through the ImageNet logits): the
+    export's maps vs the torch Grad-RAM of layer4, every profile; and the branch's part of them is
+    far above the tolerance (maps without it, the branch's input cut from p_last, differ)."""
+    from model.engines import onnxruntime_runner
+    from model.scoring import Scorer
+    from model.slim_heatmap import HEATMAP_TOLERANCE, slim_heatmap
+
+    onnx, ckpt = branch_export
+    scorer = Scorer.from_checkpoint(ckpt, backend="torch", device="cpu", mixed_precision=False)
+    assert scorer.model.branch is not None
+    runner = onnxruntime_runner(ckpt, onnx=onnx)
+    assert runner.heatmap_outputs["layers"] == ["layer4"]
+    worst, gaps = 0.0, []
+    for path in photos:
+        prepared = scorer.prepare(str(path))
+        for profile in scorer.profiles:
+            want, want_score = torch_layer4(scorer, path, profile)
+            got = slim_heatmap(runner, prepared.tensor.numpy(), (prepared.width, prepared.height), profile=profile)
+            assert got.heatmap.shape == want.shape and want.max() == pytest.approx(1.0)
+            worst = max(worst, float(np.abs(got.heatmap - want).max()))
+            assert abs(got.score - want_score) <= SCORE_TOL
+            with monkeypatch.context() as m:  # the same Grad-RAM with the branch blind to p_last
+                branch, forward = scorer.model.branch, scorer.model.branch.forward
+                m.setattr(branch, "forward", lambda images, last: forward(images, last.detach()))
+                cut, cut_score = torch_layer4(scorer, path, profile)
+            assert cut_score == pytest.approx(want_score, abs=1e-6)
+            gaps.append(float(np.abs(cut - want).max()))
+    print(f"largest |slim - torch| layer4 map difference with the memory branch: {worst:.2e}; "
+          f"without the branch's part the maps would differ by {min(gaps):.2e} to {max(gaps):.2e}")
+    assert worst <= HEATMAP_TOLERANCE
+    assert min(gaps) > 10 * HEATMAP_TOLERANCE
+
+
 def test_slim_heatmap_refuses_other_layers_and_exports_without_maps(export, tiny_checkpoint, tmp_path):
     from model.engines import onnxruntime_runner
     from model.export import export_to
