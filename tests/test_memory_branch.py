@@ -125,17 +125,17 @@ def test_branch_config_checks():
         ResMemNetConfig(backbone="resnet50", branch="resmem")
     with pytest.raises(ValueError, match="unknown branch"):
         ResMemNetConfig(backbone="resnet152", branch="alexnet")
-    assert load_config("default", ["model.branch=resmem"]).model.branch == "resmem"
+    assert load_config("lnsim", ["model.branch=resmem"]).model.branch == "resmem"
     with pytest.raises(ConfigError, match="model.trunk = 'resmem'"):
-        load_config("default", ["model.branch=resmem", "model.trunk=torchvision"])
+        load_config("lnsim", ["model.branch=resmem", "model.trunk=torchvision"])
     with pytest.raises(ConfigError, match="model.branch"):
-        load_config("default", ["model.branch=vgg"])
+        load_config("lnsim", ["model.branch=vgg"])
     for name in ("branch_share_labelled", "branch_share_teacher"):
         with pytest.raises(ConfigError, match=f"readout.{name} > 0 needs model.branch"):
-            load_config("default", [f"readout.{name}=0.2"])
+            load_config("lnsim", [f"readout.{name}=0.2"])
         with pytest.raises(ConfigError, match=r"\[0, 1\]"):
-            load_config("default", ["model.branch=resmem", f"readout.{name}=1.5"])
-    ok = load_config("default", ["model.branch=resmem", "readout.branch_share_labelled=0.3"])
+            load_config("lnsim", ["model.branch=resmem", f"readout.{name}=1.5"])
+    ok = load_config("lnsim", ["model.branch=resmem", "readout.branch_share_labelled=0.3"])
     assert ok.readout.branch_share_labelled == 0.3 and ok.readout.branch_share_teacher == 0.0
 
 

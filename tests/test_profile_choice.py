@@ -116,6 +116,10 @@ def test_the_packaged_two_study_recipe_is_the_measured_candidate():
     assert (lnsim.branch_share, cfg.model.score_blend, cfg.model.branch) == (0.25, 0.7, "resmem")
     assert (cfg.profiles.gate, cfg.profiles.align, cfg.readout.domain_alphas) == ("platt", "teacher", [0.3])
     assert cfg.output.name == "resmemnet-lnsim-cdm"  # a candidate, not the shipped default (model card)
+    shipped = load_config("default")  # the same recipe, its default routed to LNSIM only ("A4c")
+    assert shipped.profiles.route == ["lnsim"] and shipped.output.name == "resmemnet-default"
+    assert shipped.to_dict()["data"] == cfg.to_dict()["data"] and shipped.model == cfg.model
+    assert shipped.readout == cfg.readout and shipped.preprocessing == cfg.preprocessing
 
 
 # -- a final run with the recipe -------------------------------------------------------------------

@@ -140,10 +140,12 @@ SHIPPED_SCORES = ((0.760570228, 0.657318830, 0.793771088), (0.799948752, 0.64000
                   (0.650162101, 0.543299913, 0.706435502))
 
 
-def test_shipped_metadata_reads_as_the_legacy_layout():
+def test_legacy_metadata_reads_as_the_legacy_layout():
+    """The previous default's metadata (2026-12-02, tests/fixtures; its tensors are not kept):
+    unnamed outputs and the gate in the architecture fields read as named profiles."""
     from model.checkpoint import read_meta
 
-    arch = read_meta(SHIPPED).architecture
+    arch = read_meta(REPO / "tests" / "fixtures" / "legacy-gated-checkpoint.json").architecture
     assert arch.outputs == () and arch.output_names == ("labelled", "teacher", "domain")
     assert profile_names(arch) == ("default", "general", "outdoor")
     default = legacy_profiles(arch)[0]

@@ -58,11 +58,11 @@ def test_extra_teacher_files_are_appended_in_order_with_unique_keys(tmp_path):
 
 def test_teacher_source_config_errors():
     with pytest.raises(ConfigError, match="CSV=IMAGE_FOLDER"):
-        load_config("default", ['data.teacher.extra=["scores.csv"]'])
-    ok = load_config("default", ['data.teacher.extra=["a.csv=imgs", "b.csv=more"]'])
+        load_config("lnsim", ['data.teacher.extra=["scores.csv"]'])
+    ok = load_config("lnsim", ['data.teacher.extra=["a.csv=imgs", "b.csv=more"]'])
     assert ok.data.teacher.extra == ["a.csv=imgs", "b.csv=more"]
     with pytest.raises(ConfigError, match="'vflip' is not in data.augmentations"):
-        load_config("default", ['data.augmentations=["none", "hflip"]', 'data.teacher_augmentations=["vflip"]'])
+        load_config("lnsim", ['data.augmentations=["none", "hflip"]', 'data.teacher_augmentations=["vflip"]'])
     with pytest.raises(ConfigError, match="needs model.head = 'readout'"):
         load_config("paper", ['data.augmentations=["none", "hflip"]', 'data.teacher_augmentations=["none"]'])
     same = load_config("paper", ['data.augmentations=["none", "hflip"]', 'data.teacher_augmentations=["none", "hflip"]'])

@@ -162,7 +162,7 @@ def test_real_lnsim_and_teacher_load(tmp_path):
     from model.training.data import load_teacher
     from model.training.splits import build_splits
 
-    cfg = load_config("default", [f"data.labelled.root={SHARED_DATA / 'lnsim'}",
+    cfg = load_config("lnsim", [f"data.labelled.root={SHARED_DATA / 'lnsim'}",
                                   f"data.teacher.csv={SHARED_DATA / 'pool_resmem_scores.csv'}",
                                   f"data.teacher.image_root={SHARED_DATA / 'pool'}",
                                   f"data.teacher.extra=[\"{SHARED_DATA / 'pool2_resmem_scores.csv'}={SHARED_DATA / 'pool2'}\"]"])
