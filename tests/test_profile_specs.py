@@ -131,13 +131,15 @@ def test_a_model_scores_its_default_profile_and_exports_all():
         model.set_config(ResMemNetConfig(head="readout"))  # one output, not six
 
 
-# -- the shipped checkpoint (legacy metadata): loads and scores as it always did ---------------------
+# -- the shipped checkpoint: loads and scores as recorded --------------------------------------------
 
-# Its scores of three pool photos in fp32, recorded with the code before profiles were data
-# (default, general, outdoor); they also match README's example output (0.760570, 0.799949).
+# Its scores of three pool photos in fp32 (default, lnsim, cdm, general, outdoor), recorded when it
+# was shipped (2026-12-06); the first two match README's example output (0.928060, 0.919306). The
+# general profile (the teacher output) scores them as the previous checkpoint did within 1e-6.
 SHIPPED_PHOTOS = ("pool/bsds_100007.jpg", "pool/bsds_100039.jpg", "pool2/ross_painting113.jpg")
-SHIPPED_SCORES = ((0.760570228, 0.657318830, 0.793771088), (0.799948752, 0.640002251, 0.905546188),
-                  (0.650162101, 0.543299913, 0.706435502))
+SHIPPED_SCORES = ((0.928059995, 0.806238294, 0.579912961, 0.657319665, 0.806238294),
+                  (0.919306278, 0.900593817, 0.626063287, 0.640002131, 0.900593817),
+                  (0.825042546, 0.687886953, 0.553503573, 0.543299675, 0.687886953))
 
 
 def test_legacy_metadata_reads_as_the_legacy_layout():
@@ -154,7 +156,7 @@ def test_legacy_metadata_reads_as_the_legacy_layout():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("resmem") is None, reason="the resmem trunk package is not installed")
-def test_shipped_checkpoint_scores_pool_photos_as_before_in_fp32():
+def test_shipped_checkpoint_scores_pool_photos_as_recorded_in_fp32():
     from conftest import SHARED_DATA
     from model.checkpoint import load_checkpoint
     from model.preprocess import decode_image
@@ -163,6 +165,7 @@ def test_shipped_checkpoint_scores_pool_photos_as_before_in_fp32():
     if not all(p.is_file() for p in paths):
         pytest.skip("../shared/data pool photos absent")
     model, meta = load_checkpoint(SHIPPED)
+    assert profile_names(model.cfg) == ("default", "lnsim", "cdm", "general", "outdoor")
     x = torch.stack([meta.preprocessing.image_to_tensor(decode_image(p)) for p in paths])
     with torch.inference_mode():  # fp32 on the CPU: no autocast
         table = profile_scores(model.head.outputs(model.forward_features(x)), model.cfg)
