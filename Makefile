@@ -4,7 +4,7 @@
 #   make test-fast - the suite without the tests that start processes, servers or browsers
 # Everyday ones (see docs/cli.md):
 #   make score IMAGES="photos/ more.jpg" OUT=scores.csv   - score images (OUT: .csv or .json; none: CSV on stdout;
-#                                                          PROFILE=general|outdoor picks a score profile)
+#                                                          PROFILE=general|lnsim|cdm picks a score profile)
 #   make bench                                           - the quick benchmarks (a few minutes on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python

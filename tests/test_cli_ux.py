@@ -148,18 +148,25 @@ def test_info_json_has_everything_but_machine_paths(checkpoint_with_machine_path
 
 def test_parameter_counts_from_the_tensor_file_match_the_built_models(tiny_checkpoint):
     """info counts parameters from the tensor file's header; the models built in torch agree."""
-    from app.cli.info import TRUNK_PARAMETERS, parameter_counts
+    from app.cli.info import BRANCH_PARAMETERS, TRUNK_PARAMETERS, parameter_counts
     from model.checkpoint import read_meta
     from model.environment import SHIPPED_WEIGHTS
     from model.network import ResMemNet, build_resmemnet, count_parameters
 
     for backbone, n in TRUNK_PARAMETERS.items():
         assert count_parameters(build_resmemnet(backbone=backbone).trunk) == n
-    for path in (tiny_checkpoint, SHIPPED_WEIGHTS):  # an embedded trunk and LSTM head; a package trunk and readout head
+    from model.memory_branch import MemoryBranch
+
+    assert count_parameters(MemoryBranch()) == BRANCH_PARAMETERS["resmem"]
+    # an embedded trunk and LSTM head; a package trunk, its memory branch and a readout head
+    for path in (tiny_checkpoint, SHIPPED_WEIGHTS):
         meta = read_meta(path)
         model = ResMemNet(meta.architecture)
+        branch = {"branch": count_parameters(model.branch)} if model.branch is not None else {}
         assert parameter_counts(meta, Path(path).parent / meta.tensors_file) == {
-            "total": count_parameters(model), "head": count_parameters(model.head), "trunk": count_parameters(model.trunk)}
+            "total": count_parameters(model), "head": count_parameters(model.head), "trunk": count_parameters(model.trunk),
+            **branch}
+    assert "branch" in parameter_counts(read_meta(SHIPPED_WEIGHTS), SHIPPED_WEIGHTS.with_suffix(".safetensors"))
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -37,12 +37,15 @@ def scrub_paths(value):
 # Parameters of the torchvision-layout ResNet trunks without their classifier (tests/test_cli_ux.py
 # checks them against the built models); a trunk read from a package is not in the tensor file.
 TRUNK_PARAMETERS = {"resnet50": 23_508_032, "resnet101": 42_500_160, "resnet152": 58_143_808}
+# The resmem package's memorability branch (model/memory_branch.py), read from the package, never embedded.
+BRANCH_PARAMETERS = {"resmem": 73_545_001}
 # State-dict entries that are buffers, not parameters.
 BUFFERS = frozenset({"running_mean", "running_var", "num_batches_tracked", "input_mean", "input_std"})
 
 
 def parameter_counts(meta, tensors_path: Path) -> dict:
-    """{"total", "head", "trunk"} parameter counts from the tensor file's header (no torch, no weights read).
+    """{"total", "head", "trunk"[, "branch"]} parameter counts from the tensor file's header (no torch, no
+    weights read); "branch" for a model with the memory branch (model.branch).
 
     Raises CheckpointError when the file is missing or not a safetensors file."""
     import struct
@@ -68,8 +71,12 @@ def parameter_counts(meta, tensors_path: Path) -> dict:
         counts[part if part in ("head", "trunk") else "other"] += n
     if not meta.trunk_embedded:
         counts["trunk"] = TRUNK_PARAMETERS[meta.architecture.backbone]
-    return {"total": counts["head"] + counts["trunk"] + counts["other"], "head": counts["head"],
-            "trunk": counts["trunk"]}
+    out = {"total": counts["head"] + counts["trunk"] + counts["other"], "head": counts["head"], "trunk": counts["trunk"]}
+    branch = getattr(meta.architecture, "branch", "none")
+    if branch in BRANCH_PARAMETERS:
+        out["branch"] = BRANCH_PARAMETERS[branch]
+        out["total"] += out["branch"]
+    return out
 
 
 def checkpoint_info(weights: str) -> dict:
@@ -149,7 +156,8 @@ def summary(info: dict) -> str:
     rows = [("model", f"{arch['backbone']} trunk, {head}")]
     rows.append(("profiles", f"{', '.join(profiles_of(arch))} (--profile NAME; ?profile=NAME over HTTP)"))
     p = info["parameters"]
-    rows.append(("parameters", f"{p['total']:,} (trunk {p['trunk']:,}, head {p['head']:,})"))
+    branch = f", memory branch {p['branch']:,}" if "branch" in p else ""
+    rows.append(("parameters", f"{p['total']:,} (trunk {p['trunk']:,}{branch}, head {p['head']:,})"))
     resize = prep.get("resize", {})
     size = resize.get("size")
     shape = f"{size}x{size} square" if resize.get("mode") == "square" else f"shorter side {size}"

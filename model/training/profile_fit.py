@@ -165,8 +165,10 @@ def _default(cfg: Config, layout, studies: list[str], has_general: bool, gate: d
     fitted = platt if kind == "platt" else {}
     centers = tuple(fitted[s][0] if s in fitted else c for s in studies)
     widths = tuple(fitted[s][1] if s in fitted else w for s in studies)
+    plural = "s" if len(studies) > 1 else ""
+    which = f"the {', '.join(studies)} profile{plural}" if route else "each study's profile"
     return ProfileSpec("default", kind="mixture", gate="sigmoid", inputs=inputs,
                        gate_inputs=(*(f"domain.{s}" for s in studies), ""),
                        centers=(*centers, 0.0), widths=(*widths, 1.0),
-                       description="each study's profile where the domain output says the photo is like its photos, "
+                       description=f"{which} where the domain output says the photo is like its study's photos, "
                                    "general elsewhere")
