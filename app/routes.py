@@ -31,9 +31,10 @@ API_KEY = Depends(HTTPBearer(auto_error=False, scheme_name="api_key", descriptio
     "RESMEMNET_API_KEYS_FILE)")))
 
 IMAGE_FIELD_DOC = "the image: JPEG, PNG, WebP, GIF, BMP, TIFF or any other format Pillow reads"
-PROFILE_QUERY_DOC = ("score profile: `default` (the checkpoint's own score), `general` (the teacher-distilled output, "
-                     "for photos unlike outdoor scenes) or `outdoor` (the LNSIM-calibrated blend without the domain "
-                     "gate); a checkpoint without a teacher output has only `default`")
+PROFILE_QUERY_DOC = ("score profile: `default` (the checkpoint's own score) or another the checkpoint has (shipped: "
+                     "`lnsim`, alias `outdoor`, for outdoor scenes; `cdm`, for photos like the second study's; "
+                     "`general`, for photos unlike both); `/readyz` lists them; a checkpoint without a teacher "
+                     "output has only `default`")
 
 
 def profile_query():

@@ -10,7 +10,7 @@ from .errors import REASONS, error_body
 PERCENTILE_DOC = ("the score's rank (0-100) among the checkpoint's fixed reference set of diverse photos; null when "
                   "the checkpoint has no reference set")
 PROFILE_DOC = ("the score profile of the score and percentile, as asked for with query parameter `profile`: "
-               "default, general (photos unlike outdoor scenes) or outdoor")
+               "default or another the checkpoint has (shipped: lnsim, outdoor, cdm, general; /readyz lists them)")
 WARNINGS_DOC = ("codes for inputs the model cannot judge (its score then says little): flat, noise, text, "
                 "low_resolution; multi_frame when only one frame or page was scored; truncated_end when a JPEG "
                 "missing only its end marker was scored as the complete file; empty when none")

@@ -32,7 +32,8 @@ Scores how memorable an image is (0 = forgettable, 1 = memorable) with ResMem-Ne
 * `POST /heatmap` - a PNG showing which regions raise the score (Grad-RAM), score in `X-Memorability-Score`.
 
 Each takes `?profile=` (default `default`): which score profile to give, where the checkpoint has
-several (`general` for photos unlike outdoor scenes, `outdoor` for photos like them).
+several (shipped: `lnsim`/`outdoor` for outdoor scenes, `cdm` for photos like the second study's,
+`general` for photos unlike both).
 * `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus).
 
 With API keys configured (RESMEMNET_API_KEYS, RESMEMNET_API_KEYS_FILE), the scoring endpoints need

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/precision_drift.py --images ../shared/data/pool --n 64
     .venv/bin/python bench/precision_drift.py --images ../shared/data/pool --n 64 --precisions bf16 fp16
+    .venv/bin/python bench/precision_drift.py --images ../shared/data/pool --n 96 --precisions --mirror
 
 Every photo is prepared once (Scorer.prepare); each precision's Scorer (model.scoring.Scorer with
 `precision=`; the head always runs in fp32) scores the same tensors, and the fp32 Scorer's scores
@@ -10,6 +11,9 @@ are the reference. Reported per precision and profile: max, 99th percentile and 
 dtype natively (bf16 on AVX512-BF16/AMX CPUs, fp16 on CUDA) or emulated. The photos are the first
 --n files of --images, sorted by name (a fixed, repeatable sample). The tolerances the tests
 use for the mixed-precision path come from these numbers (docs/robustness.md, "Precision").
+--mirror also scores every photo's mirror image (left-right) in fp32 and reports the same
+numbers against the photo's own fp32 scores: how much a small edit moves a score
+(docs/robustness.md, "Small edits").
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None, help="checkpoint .json (default: the shipped one)")
     ap.add_argument("--images", required=True, help="folder of photos")
     ap.add_argument("--n", type=int, default=64, help="photos (the first N by name)")
-    ap.add_argument("--precisions", nargs="+", default=["bf16"], choices=("bf16", "fp16"))
+    ap.add_argument("--precisions", nargs="*", default=["bf16"], choices=("bf16", "fp16"))
+    ap.add_argument("--mirror", action="store_true", help="also compare each photo's mirror image, in fp32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--json", help="also write the report here")
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     tensors = [reference.prepare(str(p)).tensor for p in paths]
     profiles = reference.profiles
 
-    def table(scorer) -> dict[str, list[float]]:
+    def table(scorer, tensors=tensors) -> dict[str, list[float]]:
         """Every profile's scores from one trunk pass per batch (the photos share one input shape
         under a square resize policy; other policies are batched by shape)."""
         rows: dict[int, list[float]] = {}
@@ -87,6 +92,12 @@ def main(argv=None) -> int:
         got = table(scorer)
         report["precisions"][precision] = {"native": native[precision],
                                            "profiles": {name: drift(fp32[name], got[name]) for name in profiles}}
+    if args.mirror:
+        got = table(reference, [torch.flip(t, dims=[-1]) for t in tensors])
+        report["mirror"] = {name: drift(fp32[name], got[name]) for name in profiles}
+        for name, d in report["mirror"].items():
+            print(f"mirror image vs the photo (fp32), profile {name}, {len(paths)} photos: max |d| {d['max_abs']:.2e}, "
+                  f"p99 {d['p99_abs']:.2e}, median {d['median_abs']:.2e}, Spearman {d['spearman']:.5f}")
     for precision, entry in report["precisions"].items():
         kind = "native" if entry["native"] else "emulated"
         for name, d in entry["profiles"].items():

@@ -146,6 +146,18 @@ def fmt(x: float | None) -> str:
     return "" if x is None else f"{x:.6f}"
 
 
+def training_note(meta, set_name: str, note: str) -> str:
+    """`note`, or a TRAINING SET note where the checkpoint's training data names the set's folder
+    (a study's root or CSV under `<data>/<set_name>`): its numbers there are not validation."""
+    data = (meta.training or {}).get("data", {})
+    studies = data.get("studies", []) if isinstance(data, dict) else []
+    for study in studies:
+        paths = [str(study.get(k) or "") for k in ("root", "csv")]
+        if any(f"/{set_name}/" in p + "/" or p == set_name for p in paths):
+            return f"TRAINING SET (this checkpoint trained on study {study.get('name')!r}, these photos)"
+    return "validation" if note == "validation" else note
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=None, help="ResMem-Net checkpoint (.json); default: the shipped one")
@@ -185,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.limit:
             ds.rel_paths, ds.truth = ds.rel_paths[:args.limit], ds.truth[:args.limit]
+        if not args.resmem_only:
+            ds.note = training_note(meta, name, ds.note)
         print(f"{name}: scoring {len(ds.rel_paths)} photos ({ds.note})", flush=True)
         preds = {} if args.resmem_only else {"resmemnet": score_resmemnet(weights, ds.paths, args.batch_size)}
         if args.resmem or args.resmem_only:

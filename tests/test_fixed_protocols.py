@@ -120,3 +120,19 @@ def test_the_ship_rule_reads_a_cv_run_and_todays_default(cv_run, final_checkpoin
     assert out.splitlines()[1].split()[2] == "-1.0000"  # today's LNSIM CV from its metadata
     assert (code == 0) == ("verdict: ship the candidate" in out) and code in (0, 1)
     assert rule_main(["--cv", str(tmp_path), "--old", str(fixed)]) == 2
+
+
+def test_validate_calls_a_set_the_checkpoint_trained_on_a_training_set():
+    """research.validate's note: cdm_dev is validation for the LNSIM-only checkpoint of 2026-12-02
+    (tests/fixtures) and a training set for the shipped two-study one."""
+    from pathlib import Path
+
+    from model.checkpoint import read_meta
+    from model.environment import SHIPPED_WEIGHTS
+    from research.validate import training_note
+
+    legacy = read_meta(Path(__file__).parent / "fixtures" / "legacy-gated-checkpoint.json")
+    assert training_note(legacy, "cdm_dev", "validation") == "validation"
+    shipped = read_meta(SHIPPED_WEIGHTS)
+    assert training_note(shipped, "cdm_dev", "validation").startswith("TRAINING SET")
+    assert training_note(shipped, "isola", "validation") == "validation"

@@ -46,9 +46,10 @@ def add_profile_arg(parser) -> None:
     # Any name: which profiles there are depends on the checkpoint, so checked_profile checks it
     # once the model is loaded (one error line, exit status 2), not argparse.
     parser.add_argument("--profile", default="default", metavar="NAME",
-                        help="score profile: default (the checkpoint's own score), general (the teacher-distilled "
-                             "output, for photos unlike outdoor scenes) or outdoor (the calibrated blend without "
-                             "the domain gate); `resmemnet info` lists the checkpoint's. Default: default")
+                        help="score profile: default (the checkpoint's own score) or another the checkpoint has "
+                             "(shipped: lnsim, alias outdoor, for outdoor scenes; cdm, for photos like the second "
+                             "study's; general, for photos unlike both); `resmemnet info` lists the checkpoint's. "
+                             "Default: default")
 
 
 def add_precision_arg(parser) -> None:
