@@ -155,7 +155,7 @@ def training_note(meta, set_name: str, note: str) -> str:
         paths = [str(study.get(k) or "") for k in ("root", "csv")]
         if any(f"/{set_name}/" in p + "/" or p == set_name for p in paths):
             return f"TRAINING SET (this checkpoint trained on study {study.get('name')!r}, these photos)"
-    return "validation" if note == "validation" else note
+    return note
 
 
 def main(argv: list[str] | None = None) -> int:
